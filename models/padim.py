@@ -1,0 +1,235 @@
+"""The PaDiM model as tensors: embedding, streaming Gaussian fit, Mahalanobis scoring, smoothing.
+
+Nothing here reads files or parses flags. Shapes: B images, d selected channels, P = h*w
+feature positions, (H, W) the input image size.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+from scipy.ndimage import gaussian_filter1d
+
+DEFAULT_SEED = 7
+DEFAULT_EPS = 0.01
+DEFAULT_SIGMA = 4.0
+
+
+def channel_indices(total_channels: int, d: int, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """The original's channel draw: ``random.seed(seed); random.sample(range(C), d)``, in draw order."""
+    if not 0 < d <= total_channels:
+        raise ValueError(f"d must be in 1..{total_channels} for this backbone, got {d}")
+    return np.asarray(random.Random(seed).sample(range(total_channels), d), dtype=np.int64)
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """Source index of each target index for nearest upsampling (``F.interpolate(mode='nearest')``)."""
+    return np.floor(np.arange(target) * (source / target)).astype(np.int64)
+
+
+def bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """[target, source] matrix of 1-D bilinear interpolation with align_corners=False."""
+    scale = source / target
+    position = np.maximum((np.arange(target) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(position).astype(np.int64), source - 1)
+    high = np.minimum(low + 1, source - 1)
+    weight_high = position - low
+    matrix = np.zeros((target, source), dtype=np.float64)
+    rows = np.arange(target)
+    np.add.at(matrix, (rows, low), 1.0 - weight_high)
+    np.add.at(matrix, (rows, high), weight_high)
+    return matrix
+
+
+def smoothing_matrix(source: int, target: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+    """[target, source]: bilinear upsampling then scipy's Gaussian blur (reflect, truncate 4).
+
+    Both steps are linear along each axis, so their product applied on both sides equals
+    ``gaussian_filter(interpolate(D), sigma)``; blurring the identity gives the blur matrix.
+    """
+    upsample = bilinear_matrix(source, target)
+    if sigma <= 0:
+        return upsample
+    blur = gaussian_filter1d(np.eye(target), sigma, axis=0, mode="reflect", truncate=4.0)
+    return blur @ upsample
+
+
+class GaussianFit:
+    """Streaming per-position mean and covariance of embeddings [B, d, P].
+
+    Keeps float64 sums of (x - shift) and of the upper triangle of (x - shift)(x - shift)ᵀ per
+    position, in chunks of positions, so memory is O(P·d²/2) whatever the number of images and
+    no embedding is kept. ``shift`` is the first batch's mean: centring first keeps the float32
+    per-batch products accurate (no cancellation), and the float64 sums keep them accurate
+    across any number of batches.
+    """
+
+    def __init__(self, chunk_bytes: int = 64 << 20):
+        self.chunk_bytes = chunk_bytes
+        self.n_ = 0
+        self._shift = None          # [P, d] float32
+        self._sum = None            # [P, d] float64
+        self._outer = None          # list of [p_chunk, d(d+1)/2] float64
+        self._chunks = None         # list of (start, stop)
+        self._triu = None
+
+    def _start(self, first: paddle.Tensor):
+        positions, _, d = first.shape
+        per_position = d * d * 4
+        step = max(1, min(positions, self.chunk_bytes // per_position))
+        self._chunks = [(s, min(s + step, positions)) for s in range(0, positions, step)]
+        rows, cols = np.triu_indices(d)
+        self._triu = paddle.to_tensor(rows * d + cols)
+        self._shift = first.mean(axis=1)
+        self._sum = paddle.zeros([positions, d], dtype="float64")
+        self._outer = [paddle.zeros([stop - start, len(rows)], dtype="float64")
+                       for start, stop in self._chunks]
+        self.d_, self.positions_ = d, positions
+
+    @paddle.no_grad()
+    def update(self, embeddings: paddle.Tensor) -> "GaussianFit":
+        batch, d, positions = embeddings.shape
+        x = embeddings.astype("float32").transpose([2, 0, 1])           # [P, B, d]
+        if self._sum is None:
+            self._start(x)
+        elif (d, positions) != (self.d_, self.positions_):
+            raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
+        x = x - self._shift.unsqueeze(1)
+        self._sum.add_(x.sum(axis=1).astype("float64"))
+        for (start, stop), outer in zip(self._chunks, self._outer):
+            block = x[start:stop]
+            gram = paddle.bmm(block.transpose([0, 2, 1]), block)          # [p, d, d]
+            packed = paddle.index_select(gram.reshape([stop - start, d * d]), self._triu, axis=1)
+            outer.add_(packed.astype("float64"))
+        self.n_ += batch
+        return self
+
+    @paddle.no_grad()
+    def finalize(self, eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [P, d] float32, whitening [P, d, d] float32) with cov = N-1 estimate + eps·I.
+
+        ``whitening`` is L⁻ᵀ for the Cholesky factor L of each covariance, so that
+        ‖(x - mean) @ whitening‖ is the Mahalanobis distance. Sums are freed as they are used.
+        """
+        if self.n_ < 2:
+            raise ValueError(f"need at least 2 training images to fit a covariance, got {self.n_}")
+        d, n = self.d_, self.n_
+        centred_mean = self._sum / n
+        rows, cols = np.triu_indices(d)
+        packed_position = np.empty((d, d), dtype=np.int64)
+        packed_position[rows, cols] = np.arange(len(rows))
+        packed_position[cols, rows] = np.arange(len(rows))
+        unpack = paddle.to_tensor(packed_position.reshape(-1))
+        identity = paddle.eye(d, dtype="float64")
+        whitening = np.empty((self.positions_, d, d), dtype=np.float32)
+        for (start, stop) in self._chunks:
+            outer = self._outer.pop(0)
+            m = centred_mean[start:stop]
+            second = paddle.index_select(outer, unpack, axis=1).reshape([stop - start, d, d])
+            del outer
+            cov = (second - n * m.unsqueeze(2) * m.unsqueeze(1)) / (n - 1) + eps * identity
+            lower = paddle.linalg.cholesky(cov)
+            inv_lower = paddle.linalg.triangular_solve(lower, identity.expand([stop - start, d, d]),
+                                                       upper=False)
+            whitening[start:stop] = inv_lower.transpose([0, 2, 1]).astype("float32").numpy()
+        self._outer = None
+        mean = self._shift.astype("float64") + centred_mean
+        return mean.astype("float32").numpy(), whitening
+
+
+def covariance_from_whitening(whitening: np.ndarray) -> np.ndarray:
+    """Recover the covariances: Σ⁻¹ = W Wᵀ, so Σ = (W Wᵀ)⁻¹ (float64; for tests and inspection)."""
+    w = whitening.astype(np.float64)
+    return np.linalg.inv(w @ np.swapaxes(w, 1, 2))
+
+
+def mahalanobis(embeddings: paddle.Tensor, mean: paddle.Tensor, whitening: paddle.Tensor) -> paddle.Tensor:
+    """[B, d, P] embeddings -> [B, P] distances ‖(x - μ) W‖, batched over positions."""
+    delta = embeddings.transpose([2, 0, 1]) - mean.unsqueeze(1)          # [P, B, d]
+    whitened = paddle.bmm(delta, whitening)                              # [P, B, d]
+    return paddle.sqrt((whitened * whitened).sum(axis=2)).transpose([1, 0])
+
+
+class Embedding(nn.Layer):
+    """Stage features -> the d selected channels at the first stage's grid, as [B, d, P].
+
+    Equivalent to nearest-upsampling every stage, concatenating and gathering ``idx``, but
+    only the selected channels are upsampled, with gathers (no interpolate op in the graph).
+    """
+
+    def __init__(self, channels: Sequence[int], idx: np.ndarray):
+        super().__init__()
+        offsets = np.cumsum([0] + list(channels))
+        idx = np.asarray(idx, dtype=np.int64)
+        self.stage_channels: list = []
+        grouped = []
+        for stage, (low, high) in enumerate(zip(offsets[:-1], offsets[1:])):
+            chosen = [int(i) for i in idx if low <= i < high]
+            self.stage_channels.append(np.asarray([i - low for i in chosen], dtype=np.int64))
+            grouped.extend(chosen)
+        position = {channel: k for k, channel in enumerate(grouped)}
+        self.register_buffer("order", paddle.to_tensor(np.asarray([position[int(i)] for i in idx])))
+        for stage, chosen in enumerate(self.stage_channels):
+            self.register_buffer(f"stage{stage}_channels", paddle.to_tensor(chosen))
+
+    def forward(self, features: list) -> paddle.Tensor:
+        height, width = features[0].shape[2], features[0].shape[3]
+        parts = []
+        for stage, feature in enumerate(features):
+            chosen = getattr(self, f"stage{stage}_channels")
+            if chosen.shape[0] == 0:
+                continue
+            part = paddle.index_select(feature, chosen, axis=1)
+            if feature.shape[2] != height or feature.shape[3] != width:
+                rows = paddle.to_tensor(nearest_indices(feature.shape[2], height))
+                cols = paddle.to_tensor(nearest_indices(feature.shape[3], width))
+                part = paddle.index_select(paddle.index_select(part, rows, axis=2), cols, axis=3)
+            parts.append(part)
+        stacked = paddle.index_select(paddle.concat(parts, axis=1), self.order, axis=1)
+        return stacked.reshape([stacked.shape[0], stacked.shape[1], height * width])
+
+
+class PaDiM(nn.Layer):
+    """Image batch [N,3,H,W] -> (anomaly map [N,H,W] in Mahalanobis units, image score [N])."""
+
+    def __init__(self, backbone: nn.Layer, idx: np.ndarray, mean: np.ndarray, whitening: np.ndarray,
+                 image_size: tuple[int, int], feature_grid: tuple[int, int], sigma: float = DEFAULT_SIGMA):
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = Embedding(backbone.channels, idx)
+        self.image_size = tuple(int(v) for v in image_size)
+        self.feature_grid = tuple(int(v) for v in feature_grid)
+        self.mean = self.create_parameter(list(mean.shape), dtype="float32")
+        self.mean.set_value(mean.astype(np.float32))
+        self.mean.stop_gradient = True
+        self.whitening = self.create_parameter(list(whitening.shape), dtype="float32")
+        self.whitening.set_value(whitening)
+        self.whitening.stop_gradient = True
+        rows = smoothing_matrix(self.feature_grid[0], self.image_size[0], sigma).astype(np.float32)
+        cols = smoothing_matrix(self.feature_grid[1], self.image_size[1], sigma).astype(np.float32)
+        self.register_buffer("row_smoothing", paddle.to_tensor(rows))
+        self.register_buffer("col_smoothing_t", paddle.to_tensor(cols.T.copy()))
+        self.eval()
+
+    def embed(self, images: paddle.Tensor) -> paddle.Tensor:
+        return self.embedding(self.backbone(images))
+
+    def distance_grid(self, embeddings: paddle.Tensor) -> paddle.Tensor:
+        """[N, h, w] Mahalanobis distances at the feature grid, before upsampling and blur."""
+        distances = mahalanobis(embeddings, self.mean, self.whitening)
+        return distances.reshape([-1, self.feature_grid[0], self.feature_grid[1]])
+
+    def smooth(self, grid: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(paddle.matmul(self.row_smoothing, grid), self.col_smoothing_t)
+
+    def score_embeddings(self, embeddings: paddle.Tensor) -> paddle.Tensor:
+        """[N, d, P] embeddings -> [N, H, W] anomaly maps."""
+        return self.smooth(self.distance_grid(embeddings))
+
+    def forward(self, images: paddle.Tensor):
+        anomaly_map = self.score_embeddings(self.embed(images))
+        image_score = anomaly_map.max(axis=[1, 2])
+        return anomaly_map, image_score

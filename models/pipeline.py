@@ -1,0 +1,193 @@
+"""Glue between data, backbone and the PaDiM maths: fit over a dataset, score a dataset."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
+from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
+from models.model_file import ModelFile
+from models.padim import DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, Embedding, GaussianFit, PaDiM, channel_indices
+
+LOGGER = logging.getLogger("padim")
+# Training images whose embeddings are kept to measure the score range of normal images.
+STATISTICS_IMAGES = 16
+VERSION = "1.0.0"
+
+
+def use_device(device: str = "auto") -> str:
+    """Select 'gpu' when asked for (or 'auto') and Paddle has CUDA, else 'cpu'; returns the choice."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
+    has_cuda = paddle.device.is_compiled_with_cuda()
+    if device == "gpu" and not has_cuda:
+        LOGGER.warning("--device gpu requested but this Paddle build has no CUDA: running on CPU")
+    chosen = "gpu" if device in ("auto", "gpu") and has_cuda else "cpu"
+    paddle.set_device(chosen)
+    return chosen
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    paddle.seed(seed)
+
+
+def feature_grid_of(backbone, image_size) -> tuple[int, int]:
+    with paddle.no_grad():
+        first = backbone(paddle.zeros([1, 3, *image_size], dtype="float32"))[0]
+    return int(first.shape[2]), int(first.shape[3])
+
+
+@dataclass
+class FitReport:
+    n_images: int
+    seconds: float
+    extraction_seconds: float
+    gaussian_seconds: float
+    batches: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagenet", d: int | None = None,
+              seed: int = DEFAULT_SEED, eps: float = DEFAULT_EPS, sigma: float = DEFAULT_SIGMA,
+              batch_size: int = 32, num_workers: int = 2, print_freq: int = 2,
+              progress: bool = True) -> tuple[ModelFile, FitReport]:
+    """Fit one category's Gaussians; returns the model file contents (not yet written) and timings."""
+    seed_everything(seed)
+    backbone = build_backbone(backbone_name, weights)
+    total_channels = int(sum(backbone.channels))
+    d = DEFAULT_D[backbone_name] if d is None else int(d)
+    idx = channel_indices(total_channels, d, seed)
+    image_size = dataset.transform.crop_size
+    grid = feature_grid_of(backbone, image_size)
+    embedding = Embedding(backbone.channels, idx)
+    gaussian = GaussianFit()
+    kept = []
+    started = time.perf_counter()
+    extraction = gaussian_time = 0.0
+    batches = iterate_batches(dataset, batch_size, num_workers)
+    total = (len(dataset) + batch_size - 1) // batch_size
+    data_started = time.perf_counter()
+    for step, batch in enumerate(tqdm(batches, total=total, disable=not progress,
+                                      desc=f"| feature extraction | train | {dataset.category} |")):
+        data_time = time.perf_counter() - data_started
+        tick = time.perf_counter()
+        with paddle.no_grad():
+            embeddings = embedding(backbone(paddle.to_tensor(batch.images)))
+        embeddings.numpy()  # waits for the device, so the timings below are honest
+        tock = time.perf_counter()
+        gaussian.update(embeddings)
+        if sum(len(k) for k in kept) < STATISTICS_IMAGES:
+            kept.append(embeddings[:STATISTICS_IMAGES - sum(len(k) for k in kept)].numpy())
+        done = time.perf_counter()
+        extraction += tock - tick
+        gaussian_time += done - tock
+        if print_freq and step % print_freq == 0:
+            LOGGER.info(f"Epoch 0[{step + 1}/{total}]: batch time:{done - tick:.4f}, data time:{data_time:.4f}")
+        data_started = time.perf_counter()
+    tick = time.perf_counter()
+    mean, whitening = gaussian.finalize(eps)
+    gaussian_time += time.perf_counter() - tick
+    model = PaDiM(backbone, idx, mean, whitening, image_size, grid, sigma)
+    statistics = training_statistics(model, np.concatenate(kept))
+    meta = {
+        "version": VERSION,
+        "category": dataset.category,
+        "backbone": backbone_name,
+        "weights_source": getattr(backbone, "weights_source", weights),
+        "stage_names": list(backbone.stage_names),
+        "channels": [int(c) for c in backbone.channels],
+        "total_channels": total_channels,
+        "d": d,
+        "seed": int(seed),
+        "eps": float(eps),
+        "sigma": float(sigma),
+        "resize": int(dataset.transform.resize),
+        "crop_size": [int(v) for v in image_size],
+        "feature_grid": [int(v) for v in grid],
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "n_train": int(gaussian.n_),
+        "train_statistics": statistics,
+        "thresholds": None,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    arrays = {"idx": idx, "mean": mean, "whitening": whitening}
+    report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total)
+    return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
+
+
+def training_statistics(model: PaDiM, embeddings: np.ndarray) -> dict:
+    """Score range of (some) training images: the fallback threshold and the colour scale."""
+    with paddle.no_grad():
+        maps = model.score_embeddings(paddle.to_tensor(embeddings)).numpy()
+    image_scores = maps.reshape(len(maps), -1).max(axis=1)
+    return {
+        "n_images": int(len(maps)),
+        "pixel_median": float(np.median(maps)),
+        "pixel_p99": float(np.percentile(maps, 99)),
+        "pixel_max": float(maps.max()),
+        "image_score_mean": float(image_scores.mean()),
+        "image_score_max": float(image_scores.max()),
+    }
+
+
+def build_model(model_file: ModelFile) -> PaDiM:
+    meta = model_file.meta
+    backbone = build_backbone(meta["backbone"], "random")
+    set_backbone_state(backbone, model_file.backbone_state)
+    if [int(c) for c in backbone.channels] != [int(c) for c in meta["channels"]]:
+        raise ValueError(f"{model_file.path}: backbone channels {backbone.channels} differ from the file's {meta['channels']}")
+    arrays = model_file.arrays
+    return PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta["crop_size"]),
+                 tuple(meta["feature_grid"]), meta["sigma"])
+
+
+def thresholds_of(meta: dict) -> dict:
+    """Image and pixel thresholds: calibrated by val.py if it ran, else the training maximum."""
+    calibrated = meta.get("thresholds")
+    if calibrated:
+        return calibrated
+    stats = meta["train_statistics"]
+    return {"image_threshold": stats["image_score_max"], "pixel_threshold": stats["pixel_max"],
+            "source": "uncalibrated: largest score on training images (run val.py to calibrate)"}
+
+
+def display_range(meta: dict, pixel_threshold: float | None = None) -> tuple[float, float]:
+    """Fixed colour scale in absolute units: normal background at the low end, the pixel
+    threshold in the middle, so that colours mean the same thing in every picture."""
+    low = meta["train_statistics"]["pixel_median"]
+    threshold = thresholds_of(meta)["pixel_threshold"] if pixel_threshold is None else pixel_threshold
+    high = threshold + max(threshold - low, 1e-6)
+    return float(low), float(high)
+
+
+@dataclass
+class ScoredSet:
+    maps: np.ndarray        # [N,H,W] float32 anomaly maps, Mahalanobis units
+    scores: np.ndarray      # [N] image scores
+    masks: np.ndarray       # [N,H,W] bool ground truth
+    labels: np.ndarray      # [N] 0/1
+    samples: list
+
+
+def score_dataset(model: PaDiM, dataset: MVTecDataset, batch_size: int = 32, num_workers: int = 2,
+                  progress: bool = True) -> ScoredSet:
+    maps, scores, masks, samples = [], [], [], []
+    total = (len(dataset) + batch_size - 1) // batch_size
+    for batch in tqdm(iterate_batches(dataset, batch_size, num_workers), total=total, disable=not progress,
+                      desc=f"| feature extraction | {dataset.split} | {dataset.category} |"):
+        with paddle.no_grad():
+            anomaly_map, image_score = model(paddle.to_tensor(batch.images))
+        maps.append(anomaly_map.numpy())
+        scores.append(image_score.numpy())
+        masks.append(batch.masks)
+        samples.extend(batch.samples)
+    labels = np.asarray([s.label for s in samples], dtype=np.int64)
+    return ScoredSet(np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), labels, samples)

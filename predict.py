@@ -1,0 +1,108 @@
+"""Predict one image or every image in a folder with a fitted PaDiM model.
+
+Prints each image's score (Mahalanobis units) and its verdict against the stored image threshold
+(or --threshold), and saves the 4-panel picture. The colour scale comes from statistics stored in
+the model file, so pictures of different images are comparable and a normal image stays blue.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
+from utils.cli import add_backbone_args, add_device_arg, new_parser, backbone_name, positive_int, run_cli, str2bool
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def build_parser():
+    parser = new_parser(__doc__)
+    parser.add_argument("--picture_path", default=None,
+                        help="an image file or a folder (searched recursively, sorted). Default: the demo "
+                             "category's test folder")
+    parser.add_argument("--save_path", default="./output",
+                        help="pictures go to <save_path>/<category>/predict/; a .png/.jpg path with a single "
+                             "image is used as the picture's file name")
+    parser.add_argument("--model_path", default=None,
+                        help="model file; default <save_path>/<category>/best.pdparams")
+    parser.add_argument("--category", default=None,
+                        help="category, used for the default model path and output folder; default 'demo'")
+    add_backbone_args(parser, pretrained=False)
+    parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="accepted for compatibility: the channel indices come from the model file")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="image-score threshold for the verdict, in the model's absolute units; default: "
+                             "the one stored by val.py (or the training maximum if val.py never ran)")
+    parser.add_argument("--pixel_threshold", type=float, default=None,
+                        help="threshold for the predicted mask, absolute units; default: the stored one")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
+    parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
+    add_device_arg(parser)
+    return parser
+
+
+def picture_file(save_path, category, image_path, root: Path, single: bool) -> Path:
+    save_path = Path(save_path)
+    if single and save_path.suffix.lower() in PICTURE_SUFFIXES:
+        return save_path
+    relative = Path(image_path).relative_to(root) if root.is_dir() else Path(Path(image_path).name)
+    name = "_".join(relative.with_suffix("").parts) + ".png"
+    return save_path / category / "predict" / name
+
+
+def main():
+    args = build_parser().parse_args()
+    import paddle
+
+    from datasets.mvtec import ImageList, iterate_batches, read_rgb
+    from models.backbones import set_num_threads
+    from models.model_file import load_model
+    from models.pipeline import build_model, display_range, thresholds_of, use_device
+    from utils.logger import get_logger
+
+    set_num_threads()
+    logger = get_logger()
+    if args.picture_path is None:
+        from datasets.demo import DEMO_CATEGORY, demo_data_root
+        args.picture_path = Path(demo_data_root()) / DEMO_CATEGORY / "test"
+    category = args.category or "demo"
+    model_path = Path(args.model_path) if args.model_path else Path(args.save_path) / category / "best.pdparams"
+    model_file = load_model(model_path, backbone_name(args))
+    meta = model_file.meta
+    if args.category is None and args.model_path:
+        category = meta["category"]
+    if args.seed is not None and args.seed != meta["seed"]:
+        logger.info(f"note: --seed {args.seed} ignored; the channel indices come from {model_path}")
+    images = ImageList(args.picture_path, meta["resize"], meta["crop_size"])
+    use_device(args.device)
+    model = build_model(model_file)
+    stored = thresholds_of(meta)
+    image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
+    pixel_threshold = stored["pixel_threshold"] if args.pixel_threshold is None else args.pixel_threshold
+    vmin, vmax = display_range(meta, pixel_threshold)
+    source = "--threshold" if args.threshold is not None else stored["source"]
+    logger.info(f"model {model_path} ({meta['backbone']}, {meta['category']}); image threshold "
+                f"{image_threshold:.4f} from {source}")
+    single = len(images) == 1
+    anomalous = 0
+    for batch in iterate_batches(images, args.batch_size, args.num_workers):
+        with paddle.no_grad():
+            maps, scores = model(paddle.to_tensor(batch.images))
+        maps, scores = maps.numpy(), scores.numpy()
+        for sample, anomaly_map, score in zip(batch.samples, maps, scores):
+            verdict = "anomalous" if score > image_threshold else "normal"
+            anomalous += verdict == "anomalous"
+            line = f"Predict : {sample.path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
+            if args.save_picture:
+                from utils.visualize import plot_panels
+                target = picture_file(args.save_path, category, sample.path, images.root, single)
+                image = images.transform.to_display(read_rgb(sample.path))
+                plot_panels(target, image, anomaly_map, pixel_threshold, vmin, vmax,
+                            title=f"{Path(sample.path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})")
+                line += f"  picture {target}"
+            logger.info(line)
+    logger.info(f"Predict done: {len(images)} image(s), {anomalous} anomalous")
+
+
+if __name__ == "__main__":
+    run_cli(main)

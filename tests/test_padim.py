@@ -1,0 +1,141 @@
+"""The PaDiM maths against independent float64 NumPy/SciPy references written here."""
+import random
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from models.padim import (Embedding, GaussianFit, PaDiM, channel_indices, covariance_from_whitening,
+                          mahalanobis, smoothing_matrix)
+
+
+def correlated_features(n, d, positions, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(positions, d, d)) / np.sqrt(d)
+    base = rng.normal(size=(n, positions, d))
+    features = np.einsum("npk,pkd->npd", base, mixing) + rng.normal(size=(positions, d)) * 3
+    return np.ascontiguousarray(features.transpose(0, 2, 1)).astype(np.float32)   # [N, d, P]
+
+
+def reference_gaussian(features):
+    """The original's per-position loop: np.cov(rowvar=False) + 0.01·I, in float64."""
+    n, d, positions = features.shape
+    x = features.astype(np.float64)
+    mean = x.mean(axis=0).T                                   # [P, d]
+    cov = np.stack([np.cov(x[:, :, p], rowvar=False) + 0.01 * np.eye(d) for p in range(positions)])
+    return mean, cov
+
+
+def fit(features, batch_size):
+    gaussian = GaussianFit(chunk_bytes=5 * 8 * features.shape[1] ** 2)   # several position chunks
+    for start in range(0, len(features), batch_size):
+        gaussian.update(paddle.to_tensor(features[start:start + batch_size]))
+    return gaussian.finalize(0.01)
+
+
+def test_fit_matches_numpy_cov_reference():
+    features = correlated_features(n=40, d=10, positions=13)
+    mean, whitening = fit(features, batch_size=7)
+    ref_mean, ref_cov = reference_gaussian(features)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
+
+
+def test_mahalanobis_matches_scipy_per_patch():
+    train = correlated_features(n=30, d=6, positions=9, seed=1)
+    test = correlated_features(n=5, d=6, positions=9, seed=2)
+    mean, whitening = fit(train, batch_size=30)
+    ref_mean, ref_cov = reference_gaussian(train)
+    distances = mahalanobis(paddle.to_tensor(test), paddle.to_tensor(mean), paddle.to_tensor(whitening)).numpy()
+    expected = np.array([[scipy_mahalanobis(test[i, :, p].astype(np.float64), ref_mean[p], np.linalg.inv(ref_cov[p]))
+                          for p in range(9)] for i in range(5)])
+    np.testing.assert_allclose(distances, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, 50])
+def test_streaming_fit_equals_one_shot(batch_size):
+    features = correlated_features(n=50, d=8, positions=11, seed=3)
+    mean_once, whitening_once = fit(features, batch_size=50)
+    mean, whitening = fit(features, batch_size=batch_size)
+    np.testing.assert_allclose(mean, mean_once, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whitening, whitening_once, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_needs_two_images():
+    gaussian = GaussianFit().update(paddle.to_tensor(correlated_features(1, 4, 3)))
+    with pytest.raises(ValueError, match="at least 2"):
+        gaussian.finalize()
+
+
+def test_channel_indices_follow_the_original_draw():
+    random.seed(7)
+    expected = random.sample(range(448), 100)
+    assert channel_indices(448, 100, 7).tolist() == expected
+    with pytest.raises(ValueError):
+        channel_indices(448, 449)
+
+
+@pytest.mark.parametrize("size", [(56, 56), (28, 40)])
+def test_upsample_and_blur_equal_interpolate_then_gaussian_filter(size):
+    grid = (size[0] // 4, size[1] // 4)
+    rng = np.random.default_rng(4)
+    distances = rng.random((2, *grid)).astype(np.float32) * 5
+    upsampled = F.interpolate(paddle.to_tensor(distances[:, None]), size=list(size), mode="bilinear",
+                              align_corners=False).numpy()[:, 0]
+    expected = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in upsampled])
+    rows = smoothing_matrix(grid[0], size[0], 4.0)
+    cols = smoothing_matrix(grid[1], size[1], 4.0)
+    ours = np.einsum("hi,nij,wj->nhw", rows, distances.astype(np.float64), cols)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_equals_interpolate_concat_index_select():
+    rng = np.random.default_rng(5)
+    features = [rng.random((2, 4, 8, 8)), rng.random((2, 6, 4, 4)), rng.random((2, 5, 2, 2))]
+    features = [paddle.to_tensor(f.astype(np.float32)) for f in features]
+    idx = channel_indices(15, 7, seed=3)
+    reference = features[0]
+    for feature in features[1:]:
+        reference = paddle.concat([reference, F.interpolate(feature, size=[8, 8], mode="nearest")], axis=1)
+    expected = paddle.index_select(reference, paddle.to_tensor(idx), axis=1).numpy().reshape(2, 7, 64)
+    ours = Embedding([4, 6, 5], idx)(features).numpy()
+    np.testing.assert_array_equal(ours, expected)
+
+
+class TinyBackbone(paddle.nn.Layer):
+    channels = [3, 4]
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = paddle.nn.Conv2D(3, 3, 3, stride=4, padding=1)
+        self.conv2 = paddle.nn.Conv2D(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        first = self.conv1(x)
+        return [first, self.conv2(first)]
+
+
+def test_padim_forward_is_embedding_distance_upsample_blur_max():
+    paddle.seed(0)
+    backbone = TinyBackbone()
+    idx = channel_indices(7, 5, seed=1)
+    images = paddle.to_tensor(np.random.default_rng(6).normal(size=(6, 3, 32, 32)).astype(np.float32))
+    embedding = Embedding(backbone.channels, idx)
+    train = embedding(backbone(images)).numpy()
+    mean, whitening = fit(train, batch_size=4)
+    model = PaDiM(backbone, idx, mean, whitening, (32, 32), (8, 8))
+    test = images[:2] * 1.5
+    anomaly_map, score = model(test)
+    emb = embedding(backbone(test)).numpy().astype(np.float64)
+    ref_mean, ref_cov = reference_gaussian(train)
+    inverse = np.linalg.inv(ref_cov)
+    delta = emb.transpose(0, 2, 1) - ref_mean
+    grid = np.sqrt(np.einsum("npi,pij,npj->np", delta, inverse, delta)).reshape(2, 8, 8)
+    upsampled = F.interpolate(paddle.to_tensor(grid[:, None].astype(np.float32)), size=[32, 32],
+                              mode="bilinear", align_corners=False).numpy()[:, 0]
+    expected = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in upsampled])
+    np.testing.assert_allclose(anomaly_map.numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(score.numpy(), expected.reshape(2, -1).max(axis=1), rtol=1e-4)

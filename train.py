@@ -1,0 +1,86 @@
+"""Fit PaDiM for one MVTec category (or all) from its normal training images.
+
+Writes <save_path>/<category>/best.pdparams (self-contained model file) and train.log, then with
+--val=True evaluates exactly as val.py does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
+from utils.cli import (add_backbone_args, add_data_args, add_device_arg, backbone_name, categories_to_run,
+                       new_parser, non_negative_int, positive_int, resolve_data, run_cli, size_arg, str2bool,
+                       weights_choice)
+
+
+def build_parser():
+    parser = new_parser(__doc__)
+    add_data_args(parser)
+    parser.add_argument("--save_path", default="./output",
+                        help="output root: the model goes to <save_path>/<category>/best.pdparams")
+    add_backbone_args(parser, pretrained=True)
+    parser.add_argument("--d_reduced", type=positive_int, default=None,
+                        help="number of randomly selected channels d; default 100 (550 for resnet50 "
+                             "and wide_resnet50_2), as in the paper")
+    parser.add_argument("--resize", type=positive_int, default=256,
+                        help="shorter image side after the (PIL bilinear) resize")
+    parser.add_argument("--crop_size", type=size_arg, default=(224, 224),
+                        help="centre crop, N or HxW; the model's input size")
+    parser.add_argument("--save_picture", type=str2bool, default=True,
+                        help="with --val: save the figure of every test image and roc_curve.png")
+    parser.add_argument("--val", type=str2bool, default=True,
+                        help="evaluate on the test split right after fitting (as val.py)")
+    parser.add_argument("--print_freq", type=non_negative_int, default=2,
+                        help="log a line every N batches (0: never)")
+    parser.add_argument("--seed", type=int, default=7,
+                        help="seeds Python's random (draws the channel indices) and Paddle")
+    add_device_arg(parser)
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    from datasets.mvtec import MVTecDataset
+    from models.backbones import set_num_threads
+    from models.model_file import save_model
+    from models.pipeline import fit_padim, use_device
+    from utils.logger import close_file_handlers, get_logger
+
+    set_num_threads()
+    root, _ = resolve_data(args)
+    use_device(args.device)
+    name, weights = backbone_name(args), weights_choice(args)
+    categories = categories_to_run(root, args.category)
+    results = {}
+    for category in categories:
+        out_dir = Path(args.save_path) / category
+        train_set = MVTecDataset(root, category, "train", args.resize, args.crop_size)
+        if args.val:
+            MVTecDataset(root, category, "test", args.resize, args.crop_size)  # fail before fitting
+        logger = get_logger(out_dir / "train.log")
+        print(f"Training model for {category}")
+        logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
+        model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
+                                       batch_size=args.batch_size, num_workers=args.num_workers,
+                                       print_freq=args.print_freq)
+        logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
+                    f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
+        logger.info("Saving model...")
+        model_path = out_dir / "best.pdparams"
+        save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
+        logger.info(f"Save model in {model_path}")
+        del model_file
+        if args.val:
+            from val import evaluate_category
+            results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
+                                                  args.num_workers, args.save_picture, logger=logger)
+        close_file_handlers()
+    if args.val and len(categories) > 1:
+        from utils.evaluation import markdown_table, summary_rows, write_summary
+        rows = summary_rows(results)
+        write_summary(args.save_path, rows)
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    run_cli(main)

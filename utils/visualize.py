@@ -1,0 +1,93 @@
+"""Figures: the original's panels (image, ground truth, heat map, mask, contour) and ROC curves.
+
+The colour scale is given in absolute anomaly units by the caller (from the model file), never
+taken from the image being drawn: a normal image stays blue.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import colors as mcolors  # noqa: E402
+from skimage import morphology  # noqa: E402
+from skimage.segmentation import mark_boundaries  # noqa: E402
+
+
+def _save(figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temp_name, dpi=100)
+        os.replace(temp_name, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+    return path
+
+
+def predicted_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
+    """Pixels above the threshold, cleaned with an opening by a disk of radius 4 (as the original)."""
+    mask = anomaly_map > pixel_threshold
+    return morphology.opening(mask, morphology.disk(4))
+
+
+def plot_panels(path, image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float,
+                vmin: float, vmax: float, ground_truth: np.ndarray | None = None,
+                title: str | None = None) -> Path:
+    """Save the 5-panel (with ground truth, as val) or 4-panel (as predict/infer) figure."""
+    mask = predicted_mask(anomaly_map, pixel_threshold)
+    contour = mark_boundaries(image, mask, color=(1, 0, 0), mode="thick")
+    panels = 5 if ground_truth is not None else 4
+    figure, axes = plt.subplots(1, panels, figsize=(12, 3))
+    figure.subplots_adjust(right=0.9)
+    norm = mcolors.Normalize(vmin=vmin, vmax=vmax, clip=True)
+    for axis in axes:
+        axis.axes.xaxis.set_visible(False)
+        axis.axes.yaxis.set_visible(False)
+    k = 0
+    axes[k].imshow(image)
+    axes[k].title.set_text("Image")
+    if ground_truth is not None:
+        k += 1
+        axes[k].imshow(ground_truth, cmap="gray", vmin=0, vmax=1)
+        axes[k].title.set_text("GroundTruth")
+    k += 1
+    axes[k].imshow(image, cmap="gray", interpolation="none")
+    heat = axes[k].imshow(anomaly_map, cmap="jet", alpha=0.5, interpolation="none", norm=norm)
+    axes[k].title.set_text("Predicted heat map")
+    k += 1
+    axes[k].imshow(mask, cmap="gray", vmin=0, vmax=1)
+    axes[k].title.set_text("Predicted mask")
+    k += 1
+    axes[k].imshow(contour)
+    axes[k].title.set_text("Segmentation result")
+    colorbar_axes = figure.add_axes([0.92, 0.15, 0.015, 0.7])
+    colorbar = plt.colorbar(heat, cax=colorbar_axes)
+    colorbar.ax.tick_params(labelsize=8)
+    colorbar.set_label("Anomaly Score", fontdict={"family": "serif", "size": 8})
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return _save(figure, path)
+
+
+def plot_roc(path, curves: dict, title: str) -> Path:
+    """``curves``: {label: (fpr, tpr, auc)}."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for label, (fpr, tpr, auc) in curves.items():
+        axis.plot(fpr, tpr, label=f"{label}: {auc:.3f}")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title(title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return _save(figure, path)
