@@ -35,6 +35,7 @@ __all__ = [
     "get_backbone_state",
     "set_backbone_state",
     "load_weights_file",
+    "select_backbone_weights",
     "paddle_cache_file",
     "fdet_mobilenet_file",
     "set_num_threads",

@@ -62,6 +62,10 @@ class _UnsupportedObject(pickle.UnpicklingError):
     """Internal: the pickle refers to something a state dict never holds."""
 
 
+class _CorruptError(Exception):
+    """Internal: data inconsistent with the pickle; turned into WeightsError with the path."""
+
+
 class _StorageType:
     """Stand-in for a ``torch.*Storage`` class seen in a pickle."""
 
@@ -203,10 +207,6 @@ def _materialise(tensor: _LazyTensor, storage_array: np.ndarray) -> np.ndarray:
         # bfloat16 is the upper half of a float32.
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array
-
-
-class _CorruptError(Exception):
-    """Internal: data inconsistent with the pickle; turned into WeightsError with the path."""
 
 
 def _storage_dtype(storage_type: _StorageType, byteorder: str) -> np.dtype:

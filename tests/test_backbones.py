@@ -150,7 +150,7 @@ def test_stage_names_and_held_parameters():
     mobilenet = FeatureExtractor("mobilenet_v2")
     assert mobilenet.stage_names == ["features.3", "features.6", "features.13"]
     keys = list(mobilenet.state_dict())
-    assert "features.3.conv.0.0.weight" in keys and "features.13.conv.2._variance" in keys
+    assert "features.3.conv.0.0.weight" in keys and "features.13.conv.3._variance" in keys
     assert not any(k.startswith(("features.14.", "classifier.")) for k in keys)
 
 
@@ -177,8 +177,8 @@ def test_mobilenet_v2_imagenet_from_fdet_package(monkeypatch, tmp_path):
     loaded = get_backbone_state(extractor)
     torch_state = load_torch_checkpoint(torch_file)
     np.testing.assert_array_equal(loaded["features.0.0.weight"], torch_state["features.0.0.weight"])
-    np.testing.assert_array_equal(loaded["features.13.conv.2._variance"],
-                                  torch_state["features.13.conv.2.running_var"])
+    np.testing.assert_array_equal(loaded["features.13.conv.3._variance"],
+                                  torch_state["features.13.conv.3.running_var"])
     np.testing.assert_array_equal(loaded["features.6.conv.1.1._mean"],
                                   torch_state["features.6.conv.1.1.running_mean"])
     for key, value in loaded.items():
@@ -189,8 +189,9 @@ def test_mobilenet_v2_imagenet_from_fdet_package(monkeypatch, tmp_path):
 def test_first_mobilenet_block_matches_numpy():
     """features.0 = Conv(3->32, 3x3, stride 2, pad 1, no bias) + BatchNorm(eval) + ReLU6,
     recomputed in numpy from the torchvision arrays: proves layout and BN mapping."""
-    torch_state = load_torch_checkpoint(_fdet_file_or_skip())
-    extractor = build_backbone("mobilenet_v2", weights=_fdet_file_or_skip())
+    torch_file = _fdet_file_or_skip()
+    torch_state = load_torch_checkpoint(torch_file)
+    extractor = build_backbone("mobilenet_v2", weights=torch_file)
     x = np.random.default_rng(3).standard_normal((2, 3, 9, 11)).astype(np.float32)
     with paddle.no_grad():
         actual = extractor.features[0](paddle.to_tensor(x)).numpy()
@@ -209,7 +210,7 @@ def test_first_mobilenet_block_matches_numpy():
     expected = np.clip(normalised, 0.0, 6.0)
     assert actual.shape == expected.shape
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
-    assert 0 < (expected == 6.0).sum() or expected.max() > 0  # the block is not trivially zero
+    assert (expected > 0).mean() > 0.1  # ReLU6 does not zero everything: a meaningful check
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
@@ -255,7 +256,7 @@ def test_checkpoint_of_another_depth_does_not_fit(tmp_path):
 
     wider = tmp_path / "resnet50.pth"
     _write_extractor_checkpoint(wider, "resnet50")
-    with pytest.raises(WeightsError, match=r"does not fit resnet18: .*\d+ shape mismatches \(conv1"):
+    with pytest.raises(WeightsError, match=r"does not fit resnet18: .*\d+ shape mismatches \(layer1.0.conv1.weight"):
         build_backbone("resnet18", weights=wider)
 
 

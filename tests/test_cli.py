@@ -1,0 +1,170 @@
+"""End to end through the command lines on the demo category, and every bad input -> exit 2."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, env=None, cwd=None):
+    merged = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, env=merged, cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from datasets.demo import generate_demo_category
+    root = tmp_path_factory.mktemp("demo_data")
+    generate_demo_category(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    """train.py (with its built-in val) on the demo category with the ImageNet MobileNetV2."""
+    out = tmp_path_factory.mktemp("out")
+    result = run("train.py", "--data_path", demo_root, "--category", "demo", "--backbone", "mobilenet_v2",
+                 "--save_path", out, "--save_picture", "False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_train_writes_model_log_and_validates(trained):
+    out, result = trained
+    folder = out / "demo"
+    assert (folder / "best.pdparams").is_file()
+    assert "Save model in" in (folder / "train.log").read_text()
+    assert "Training model for demo" in result.stdout
+    assert "Class:demo:\tImage AUC:" in result.stdout and "Class:demo:\tPixel AUC:" in result.stdout
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pro_auc", "image_threshold", "pixel_threshold", "n_test"):
+        assert key in metrics
+    assert metrics["n_test"] == 30
+    # The demo's defects are plain to an ImageNet backbone: anything less means a broken pipeline.
+    assert metrics["image_auroc"] > 0.95 and metrics["pixel_auroc"] > 0.9 and metrics["pro_auc"] > 0.8
+    rows = (folder / "scores.csv").read_text().splitlines()
+    assert rows[0] == "path,label,image_score" and len(rows) == 31
+    assert not list(folder.glob(".*tmp"))
+
+
+def test_model_file_keeps_idx_and_thresholds(trained):
+    from models.model_file import load_model
+    out, _ = trained
+    model = load_model(out / "demo" / "best.pdparams")
+    random.seed(7)
+    assert model.arrays["idx"].tolist() == random.sample(range(24 + 32 + 96), 100)
+    metrics = json.loads((out / "demo" / "metrics.json").read_text())
+    assert model.meta["thresholds"]["image_threshold"] == pytest.approx(metrics["image_threshold"])
+    assert model.meta["backbone"] == "mobilenet_v2" and model.meta["n_train"] == 60
+
+
+def test_val_saves_every_figure_and_roc(trained, demo_root, tmp_path):
+    out, _ = trained
+    result = run("val.py", "--data_path", demo_root, "--category", "demo", "--save_path", tmp_path,
+                 "--model_path", out / "demo" / "best.pdparams", "--save_picture", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = list((tmp_path / "demo").glob("demo_*.png"))
+    assert len(figures) == 30
+    assert (tmp_path / "demo" / "roc_curve.png").is_file()
+    first = json.loads((out / "demo" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert second["image_auroc"] == pytest.approx(first["image_auroc"])
+    assert second["pixel_auroc"] == pytest.approx(first["pixel_auroc"], rel=1e-6)
+
+
+def test_predict_gives_verdicts_against_the_stored_threshold(trained, demo_root, tmp_path):
+    out, _ = trained
+    model = out / "demo" / "best.pdparams"
+    good = demo_root / "demo" / "test" / "good" / "000.png"
+    hole = demo_root / "demo" / "test" / "hole" / "000.png"
+    grey = tmp_path / "grey.png"
+    Image.open(good).convert("L").save(grey)
+    for image, verdict in ((good, "normal"), (hole, "anomalous"), (grey, None)):
+        target = tmp_path / f"{image.stem}_{verdict}.png"
+        result = run("predict.py", "--model_path", model, "--picture_path", image, "--save_path", target)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "score" in result.stdout and target.is_file()
+        if verdict:
+            assert f"-> {verdict}" in result.stdout
+    folder = run("predict.py", "--model_path", model, "--picture_path", demo_root / "demo" / "test" / "stain",
+                 "--save_path", tmp_path / "batch", "--batch_size", "2")
+    assert folder.returncode == 0, folder.stderr[-3000:]
+    assert folder.stdout.count("-> anomalous") == 5
+    assert len(list((tmp_path / "batch" / "demo" / "predict").glob("*.png"))) == 5
+
+
+def make_category(root, n_train, corrupt=False):
+    from datasets.demo import render_sample
+    good = root / "tiny" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(n_train):
+        image, _ = render_sample(0, "train", i, image_size=64)
+        Image.fromarray(image).save(good / f"{i:03d}.png")
+    if corrupt:
+        (good / "999.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
+    out, _ = trained
+    model = out / "demo" / "best.pdparams"
+    damaged = tmp_path / "damaged.pdparams"
+    damaged.write_bytes(model.read_bytes()[: 5000])
+    empty = tmp_path / "empty"
+    (empty / "tiny" / "train" / "good").mkdir(parents=True)
+    corrupt = make_category(tmp_path / "corrupt", 3, corrupt=True)
+    cases = [
+        (("train.py", "--data_path", tmp_path / "missing"), "data folder not found"),
+        (("train.py", "--data_path", corrupt, "--category", "bottle", "--backbone", "mobilenet_v2"),
+         "unknown category"),
+        (("train.py", "--data_path", empty, "--category", "tiny", "--backbone", "mobilenet_v2", "--val", "False"),
+         "is empty"),
+        (("train.py", "--data_path", corrupt, "--category", "tiny", "--backbone", "mobilenet_v2", "--val", "False",
+          "--save_path", tmp_path / "corrupt_out", "--resize", "64", "--crop_size", "64"), "cannot read image"),
+        (("train.py", "--val", "maybe"), "expected a boolean"),
+        (("train.py", "--crop_size", "0"), "size must be positive"),
+        (("val.py", "--model_path", model, "--backbone", "resnet18"), "was fitted with backbone mobilenet_v2"),
+        (("val.py", "--model_path", damaged), "not a PaDiM-Paddle model file"),
+        (("predict.py", "--model_path", tmp_path / "nothing.pdparams"), "model file not found"),
+        (("predict.py", "--model_path", model, "--picture_path", tmp_path / "nope.png"), "picture not found"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stdout[-2000:], result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    assert not (tmp_path / "corrupt_out" / "tiny" / "best.pdparams").exists()
+    assert not [p for p in (tmp_path / "corrupt_out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_missing_imagenet_weights_is_an_error_not_random(tmp_path):
+    corrupt = make_category(tmp_path / "data", 3)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = run("train.py", "--data_path", corrupt, "--category", "tiny", "--backbone", "resnet18", "--val", "False",
+                 "--save_path", tmp_path / "o", env={"HOME": str(home)})
+    assert result.returncode == 2
+    assert "--pretrained_backbone" in result.stderr
+    result = run("train.py", "--data_path", corrupt, "--category", "tiny", "--backbone", "resnet18", "--val", "False",
+                 "--save_path", tmp_path / "o", "--pretrained_backbone", "random", "--resize", "64",
+                 "--crop_size", "64", env={"HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "o" / "tiny" / "best.pdparams").is_file()
+
+
+@pytest.mark.parametrize("script", ["train", "val", "predict"])
+def test_help_explains_every_flag(script):
+    import importlib
+    parser = importlib.import_module(script).build_parser()
+    undocumented = [a.option_strings for a in parser._actions if not a.help]
+    assert not undocumented
+    assert run(f"{script}.py", "--help").returncode == 0
