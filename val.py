@@ -36,7 +36,7 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     import numpy as np
 
     from datasets.mvtec import MVTecDataset, read_rgb
-    from models.model_file import load_model
+    from models.model_file import load_model, update_meta
     from models.pipeline import build_model, display_range, score_dataset
     from utils.evaluation import compute_metrics, roc_curves, write_metrics, write_scores_csv
     from utils.logger import get_logger
@@ -68,7 +68,7 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
         "source": f"F1-max on the test split of {Path(data_root) / category} ({metrics['n_test']} images), "
                   f"val.py {time.strftime('%Y-%m-%d %H:%M:%S')}",
     }
-    model_file.save()
+    update_meta(model_path, meta)
     logger.info(f"Thresholds stored in {model_path}; results in {out_dir}")
     if save_picture:
         from tqdm import tqdm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -52,11 +53,34 @@ def save_model(path, meta: dict, arrays: dict, backbone_state: dict) -> Path:
     for key in ("idx", "mean", "whitening"):
         if key not in arrays:
             raise ValueError(f"model arrays lack {key!r}")
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
-    payload = {META_KEY: np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)}
+    payload = {META_KEY: _meta_array(meta)}
     payload.update(arrays)
     payload.update({BACKBONE_PREFIX + key: value for key, value in backbone_state.items()})
     return write_atomically(path, lambda stream: np.savez(stream, **payload))
+
+
+def _meta_array(meta: dict) -> np.ndarray:
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION)
+    return np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+
+
+def update_meta(path, meta: dict) -> Path:
+    """Replace only the metadata (e.g. thresholds from val.py): the arrays are copied member by
+    member into a new archive, so memory stays small whatever the model's size."""
+    path = Path(path)
+    _open(path)[0].close()
+    member = META_KEY + ".npy"
+
+    def write(stream):
+        with zipfile.ZipFile(path) as source, zipfile.ZipFile(stream, "w", allowZip64=True) as target:
+            for info in source.infolist():
+                if info.filename == member:
+                    continue
+                with source.open(info) as src, target.open(info.filename, "w", force_zip64=True) as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            with target.open(member, "w") as dst:
+                np.lib.format.write_array(dst, _meta_array(meta))
+    return write_atomically(path, write)
 
 
 class ModelFile:

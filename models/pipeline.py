@@ -13,7 +13,8 @@ from tqdm import tqdm
 from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
 from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
 from models.model_file import ModelFile
-from models.padim import DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, Embedding, GaussianFit, PaDiM, channel_indices
+from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, Embedding, GaussianFit, PaDiM, channel_indices,
+                          mahalanobis_in_chunks, smooth, smoothing_pair)
 
 LOGGER = logging.getLogger("padim")
 # Training images whose embeddings are kept to measure the score range of normal images.
@@ -95,8 +96,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     tick = time.perf_counter()
     mean, whitening = gaussian.finalize(eps)
     gaussian_time += time.perf_counter() - tick
-    model = PaDiM(backbone, idx, mean, whitening, image_size, grid, sigma)
-    statistics = training_statistics(model, np.concatenate(kept))
+    statistics = training_statistics(np.concatenate(kept), mean, whitening, grid, image_size, sigma)
     meta = {
         "version": VERSION,
         "category": dataset.category,
@@ -123,10 +123,13 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
 
 
-def training_statistics(model: PaDiM, embeddings: np.ndarray) -> dict:
+def training_statistics(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, grid, image_size,
+                        sigma: float) -> dict:
     """Score range of (some) training images: the fallback threshold and the colour scale."""
+    rows, cols_t = smoothing_pair(grid, image_size, sigma)
     with paddle.no_grad():
-        maps = model.score_embeddings(paddle.to_tensor(embeddings)).numpy()
+        distances = mahalanobis_in_chunks(paddle.to_tensor(embeddings), mean, whitening)
+        maps = smooth(distances.reshape([-1, *grid]), rows, cols_t).numpy()
     image_scores = maps.reshape(len(maps), -1).max(axis=1)
     return {
         "n_images": int(len(maps)),
@@ -138,15 +141,21 @@ def training_statistics(model: PaDiM, embeddings: np.ndarray) -> dict:
     }
 
 
-def build_model(model_file: ModelFile) -> PaDiM:
+def build_model(model_file: ModelFile, release_arrays: bool = True) -> PaDiM:
+    """The PaDiM layer of a loaded model file. With ``release_arrays`` the host copies of the
+    Gaussian are dropped once they are on the device (WR50's whitening is 3.8 GB)."""
     meta = model_file.meta
     backbone = build_backbone(meta["backbone"], "random")
     set_backbone_state(backbone, model_file.backbone_state)
     if [int(c) for c in backbone.channels] != [int(c) for c in meta["channels"]]:
         raise ValueError(f"{model_file.path}: backbone channels {backbone.channels} differ from the file's {meta['channels']}")
     arrays = model_file.arrays
-    return PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta["crop_size"]),
-                 tuple(meta["feature_grid"]), meta["sigma"])
+    model = PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta["crop_size"]),
+                  tuple(meta["feature_grid"]), meta["sigma"])
+    if release_arrays:
+        arrays.pop("whitening")
+        arrays.pop("mean")
+    return model
 
 
 def thresholds_of(meta: dict) -> dict:
