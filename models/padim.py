@@ -227,14 +227,22 @@ class PaDiM(nn.Layer):
         self.embedding = Embedding(backbone.channels, idx)
         self.image_size = tuple(int(v) for v in image_size)
         self.feature_grid = tuple(int(v) for v in feature_grid)
-        # Buffers, not parameters: one copy on the device, no initialiser run over 3.8 GB for WR50,
-        # and still saved in the exported parameters file.
-        self.register_buffer("mean", paddle.to_tensor(np.asarray(mean, dtype=np.float32)))
-        self.register_buffer("whitening", paddle.to_tensor(np.asarray(whitening, dtype=np.float32)))
+        # Buffers, not parameters: no initialiser run over 3.8 GB for WR50, still saved in the
+        # exported parameters file; on the CPU they share the host arrays' memory (one copy).
+        self._host_arrays = []
+        self.register_buffer("mean", self._device_tensor(mean))
+        self.register_buffer("whitening", self._device_tensor(whitening))
         rows, cols_t = smoothing_pair(self.feature_grid, self.image_size, sigma)
         self.register_buffer("row_smoothing", rows)
         self.register_buffer("col_smoothing_t", cols_t)
         self.eval()
+
+    def _device_tensor(self, array: np.ndarray) -> paddle.Tensor:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if paddle.get_device() != "cpu":
+            return paddle.to_tensor(array)
+        self._host_arrays.append(array)  # the zero-copy tensor borrows this memory: keep it alive
+        return paddle.Tensor(array, paddle.CPUPlace(), False, True)
 
     def embed(self, images: paddle.Tensor) -> paddle.Tensor:
         return self.embedding(self.backbone(images))

@@ -168,3 +168,24 @@ def test_help_explains_every_flag(script):
     undocumented = [a.option_strings for a in parser._actions if not a.help]
     assert not undocumented
     assert run(f"{script}.py", "--help").returncode == 0
+
+
+def test_category_all_fits_and_evaluates_every_category(tmp_path):
+    from datasets.demo import generate_demo_category
+    data = tmp_path / "data"
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        generate_demo_category(data, category=name, seed=seed, n_train=8, n_test_good=2, n_per_defect=1,
+                               image_size=128)
+    out = tmp_path / "out"
+    result = run("train.py", "--data_path", data, "--category", "all", "--backbone", "mobilenet_v2",
+                 "--save_path", out, "--save_picture", "False", "--resize", "128", "--crop_size", "128")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("alpha", "beta"):
+        assert json.loads((out / name / "metrics.json").read_text())["n_test"] == 6
+    table = (out / "summary.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["alpha", "beta", "mean"]
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == "category,image_auroc,pixel_auroc,pro_auc" and len(rows) == 4
+    result = run("val.py", "--data_path", data, "--category", "all", "--save_path", out, "--save_picture", "False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| mean |" in result.stdout
