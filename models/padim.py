@@ -69,6 +69,11 @@ def smooth(grid: paddle.Tensor, rows: paddle.Tensor, cols_t: paddle.Tensor) -> p
     return paddle.matmul(paddle.matmul(rows, grid), cols_t)
 
 
+# PaDiM.smooth calls the function through this alias: paddle.jit.to_static mistakes a call to a
+# module function from a method of the same name for the method ("takes 2 positional arguments").
+_smooth = smooth
+
+
 class GaussianFit:
     """Streaming per-position mean and covariance of embeddings [B, d, P].
 
@@ -76,7 +81,9 @@ class GaussianFit:
     position, in chunks of positions, so memory is O(P·d²/2) whatever the number of images and
     no embedding is kept. ``shift`` is the first batch's mean: centring first keeps the float32
     per-batch products accurate (no cancellation), and the float64 sums keep them accurate
-    across any number of batches.
+    across any number of batches. The products run on the device; the sums live in host
+    memory as NumPy arrays, which go back to the system chunk by chunk in ``finalize`` (Paddle's
+    allocator would keep them cached, doubling the peak for WR50-Rd550).
     """
 
     def __init__(self, chunk_bytes: int = 64 << 20):
@@ -96,9 +103,8 @@ class GaussianFit:
         rows, cols = np.triu_indices(d)
         self._triu = paddle.to_tensor(rows * d + cols)
         self._shift = first.mean(axis=1)
-        self._sum = paddle.zeros([positions, d], dtype="float64")
-        self._outer = [paddle.zeros([stop - start, len(rows)], dtype="float64")
-                       for start, stop in self._chunks]
+        self._sum = np.zeros((positions, d), dtype=np.float64)
+        self._outer = [np.zeros((stop - start, len(rows)), dtype=np.float64) for start, stop in self._chunks]
         self.d_, self.positions_ = d, positions
 
     @paddle.no_grad()
@@ -110,12 +116,11 @@ class GaussianFit:
         elif (d, positions) != (self.d_, self.positions_):
             raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
         x = x - self._shift.unsqueeze(1)
-        self._sum.add_(x.sum(axis=1).astype("float64"))
+        self._sum += x.sum(axis=1).numpy()
         for (start, stop), outer in zip(self._chunks, self._outer):
             block = x[start:stop]
             gram = paddle.bmm(block.transpose([0, 2, 1]), block)          # [p, d, d]
-            packed = paddle.index_select(gram.reshape([stop - start, d * d]), self._triu, axis=1)
-            outer.add_(packed.astype("float64"))
+            outer += paddle.index_select(gram.reshape([stop - start, d * d]), self._triu, axis=1).numpy()
         self.n_ += batch
         return self
 
@@ -129,7 +134,7 @@ class GaussianFit:
         if self.n_ < 2:
             raise ValueError(f"need at least 2 training images to fit a covariance, got {self.n_}")
         d, n = self.d_, self.n_
-        centred_mean = self._sum / n
+        centred_mean = paddle.to_tensor(self._sum / n)
         rows, cols = np.triu_indices(d)
         packed_position = np.empty((d, d), dtype=np.int64)
         packed_position[rows, cols] = np.arange(len(rows))
@@ -138,7 +143,7 @@ class GaussianFit:
         identity = paddle.eye(d, dtype="float64")
         whitening = np.empty((self.positions_, d, d), dtype=np.float32)
         for (start, stop) in self._chunks:
-            outer = self._outer.pop(0)
+            outer = paddle.to_tensor(self._outer.pop(0))
             m = centred_mean[start:stop]
             second = paddle.index_select(outer, unpack, axis=1).reshape([stop - start, d, d])
             del outer
@@ -253,7 +258,7 @@ class PaDiM(nn.Layer):
         return distances.reshape([-1, self.feature_grid[0], self.feature_grid[1]])
 
     def smooth(self, grid: paddle.Tensor) -> paddle.Tensor:
-        return smooth(grid, self.row_smoothing, self.col_smoothing_t)
+        return _smooth(grid, self.row_smoothing, self.col_smoothing_t)
 
     def score_embeddings(self, embeddings: paddle.Tensor) -> paddle.Tensor:
         """[N, d, P] embeddings -> [N, H, W] anomaly maps."""
