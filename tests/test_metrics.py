@@ -248,3 +248,16 @@ def test_f1_max_threshold_edge_cases():
     assert f1_max_threshold(masks, maps) == (pytest.approx(4.0), pytest.approx(1.0))
     with pytest.raises(ValueError, match="anomalous"):
         f1_max_threshold([0, 0], [0.1, 0.2])
+
+
+def test_decision_threshold_keeps_the_f1_max_classification_away_from_every_score():
+    from utils.metrics import decision_threshold
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.2])
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    threshold, _ = f1_max_threshold(labels, scores)
+    assert threshold == 0.4                      # the best cut is a score itself
+    cut = decision_threshold(scores, threshold)
+    assert cut == pytest.approx((0.4 + 0.35) / 2)
+    np.testing.assert_array_equal(scores > cut, scores >= threshold)
+    assert np.min(np.abs(scores - cut)) > 0.02
+    assert decision_threshold(scores, 0.1) < 0.1   # nothing below: just under the threshold

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from models.model_file import write_text_atomically
-from utils.metrics import f1_max_threshold, image_auroc, pixel_auroc, pro_auc, roc_points
+from utils.metrics import decision_threshold, f1_max_threshold, image_auroc, pixel_auroc, pro_auc, roc_points
 
 METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pro_auc")
 
@@ -19,6 +19,9 @@ def compute_metrics(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, lab
     """Image/pixel ROC-AUC, PRO up to FPR 0.3, and F1-max image and pixel thresholds."""
     image_threshold, image_f1 = f1_max_threshold(labels, scores)
     pixel_threshold, pixel_f1 = f1_max_threshold(masks.reshape(-1), maps.reshape(-1))
+    # Stored for the rule "anomalous when score > threshold", away from any test score.
+    image_threshold = decision_threshold(scores, image_threshold)
+    pixel_threshold = decision_threshold(maps, pixel_threshold)
     return {
         "image_auroc": float(image_auroc(labels, scores)),
         "pixel_auroc": float(pixel_auroc(masks, maps)),

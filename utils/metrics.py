@@ -123,6 +123,20 @@ def f1_max_threshold(labels, scores) -> tuple[float, float]:
     return float(thresholds[best]), float(f1[best])
 
 
+def decision_threshold(scores, threshold: float) -> float:
+    """A cut for the rule ``score > cut`` that classifies every given score exactly as
+    ``score >= threshold`` does: midway between ``threshold`` and the largest score below it.
+
+    F1-max thresholds are themselves scores; stored as such, the image that defines them sits
+    on the boundary and flips with the last bit of float noise (oneDNN, ONNX Runtime, threads).
+    """
+    s = _finite(np.asarray(scores, dtype=np.float64).ravel(), "scores")
+    below = s[s < threshold]
+    if below.size == 0:
+        return float(np.nextafter(threshold, -np.inf))
+    return float((threshold + below.max()) / 2.0)
+
+
 # --------------------------------------------------------------------------- PRO
 
 def _as_stack(a: np.ndarray) -> np.ndarray:
