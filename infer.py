@@ -68,7 +68,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from datasets.mvtec import ImageList, read_rgb
-    from models.export import InferenceSettings, build_runtime, load_metadata, picture_file, resolve_model_file
+    from models.export import InferenceSettings, build_runtime, load_metadata, resolve_model_file
+    from utils.visualize import picture_file
     from utils.logger import get_logger
 
     logger = get_logger()
@@ -136,7 +137,7 @@ def main(argv=None):
             line = f"Infer : {sample.path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
             if args.save_picture:
                 from utils.visualize import plot_panels
-                target = picture_file(args.save_path, category, sample.path, images.root, single)
+                target = picture_file(args.save_path, category, sample.path, images.root, single, "infer")
                 image = images.transform.to_display(read_rgb(sample.path))
                 plot_panels(target, image, anomaly_map, pixel_threshold, vmin, vmax,
                             title=f"{Path(sample.path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})")

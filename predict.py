@@ -11,9 +11,6 @@ from pathlib import Path
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
 from utils.cli import add_backbone_args, add_device_arg, new_parser, backbone_name, positive_int, run_cli, str2bool
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 def build_parser():
     parser = new_parser(__doc__)
     parser.add_argument("--picture_path", default=None,
@@ -39,15 +36,6 @@ def build_parser():
     parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
     add_device_arg(parser)
     return parser
-
-
-def picture_file(save_path, category, image_path, root: Path, single: bool) -> Path:
-    save_path = Path(save_path)
-    if single and save_path.suffix.lower() in PICTURE_SUFFIXES:
-        return save_path
-    relative = Path(image_path).relative_to(root) if root.is_dir() else Path(Path(image_path).name)
-    name = "_".join(relative.with_suffix("").parts) + ".png"
-    return save_path / category / "predict" / name
 
 
 def main():
@@ -94,8 +82,8 @@ def main():
             anomalous += verdict == "anomalous"
             line = f"Predict : {sample.path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
             if args.save_picture:
-                from utils.visualize import plot_panels
-                target = picture_file(args.save_path, category, sample.path, images.root, single)
+                from utils.visualize import picture_file, plot_panels
+                target = picture_file(args.save_path, category, sample.path, images.root, single, "predict")
                 image = images.transform.to_display(read_rgb(sample.path))
                 plot_panels(target, image, anomaly_map, pixel_threshold, vmin, vmax,
                             title=f"{Path(sample.path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})")

@@ -630,14 +630,3 @@ def build_runtime(path: Path, backend: str, meta: dict, params_file=None, settin
     if backend == "onnxruntime":
         return OnnxModel(path, settings, meta=meta, logger=logger)
     return PaddleInferenceModel(path, params_file, settings, meta=meta, logger=logger)
-
-
-def picture_file(save_path, category: str, image_path, root: Path, single: bool) -> Path:
-    """predict.py's rule, in an ``infer`` folder: ``<save_path>/<category>/infer/<relative name>.png``;
-    a .png/.jpg ``save_path`` with a single image is the picture's own name."""
-    save_path = Path(save_path)
-    if single and save_path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        return save_path
-    relative = Path(image_path).relative_to(root) if root.is_dir() else Path(Path(image_path).name)
-    name = "_".join(relative.with_suffix("").parts) + ".png"
-    return save_path / category / "infer" / name

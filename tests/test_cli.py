@@ -2,12 +2,10 @@
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

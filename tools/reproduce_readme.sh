@@ -29,6 +29,19 @@ $PY predict.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" \
 $PY predict.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" \
     --picture_path "$DATA/bottle/test/broken_small/000.png" --save_path asserts/bottle_predict_broken_small.png
 
+# Deployment: export the bottle model and run the static graph (oneDNN) on the same defective image.
+$PY export_model.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" --save_dir "$OUT/mobilenet_v2/export" \
+    --onnx True
+$PY tools/check_parity.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" --export_dir "$OUT/mobilenet_v2/export" \
+    --data_path "$DATA" --category bottle > logs/bottle_mobilenet_v2_parity.log
+$PY infer.py --model_file "$OUT/mobilenet_v2/export/model.json" --use_gpu False --enable_mkldnn True \
+    --input_file "$DATA/bottle/test/broken_small/000.png" --save_path "$OUT/mobilenet_v2/infer" --category bottle \
+    > logs/bottle_mobilenet_v2_infer.log 2>&1
+cp "$OUT/mobilenet_v2/infer/bottle/infer/000.png" asserts/bottle_infer_broken_small.png
+$PY infer.py --model_file "$OUT/mobilenet_v2/export/model.json" --use_gpu False --enable_mkldnn True \
+    --input_file "$DATA/bottle/test" --batch_size 8 --save_picture False --save_path "$OUT/mobilenet_v2/infer" \
+    --category bottle --enable_benchmark True > logs/bottle_mobilenet_v2_infer_test_folder.log 2>&1
+
 # 3. Lower bound: the faithful ResNet18 configuration with random weights (no ImageNet ResNet offline).
 rm -rf "$OUT/resnet18_random/bottle"
 $PY train.py --data_path "$DATA" --category bottle --backbone resnet18 --pretrained_backbone random \

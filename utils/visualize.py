@@ -37,6 +37,21 @@ def _save(figure, path) -> Path:
     return path
 
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def picture_file(save_path, category: str, image_path, root: Path, single: bool, folder: str) -> Path:
+    """Where predict.py (folder 'predict') and infer.py (folder 'infer') put an image's picture:
+    ``<save_path>/<category>/<folder>/<path relative to the input, '/' -> '_'>.png``; a .png/.jpg
+    ``save_path`` with a single input image is the picture's own name."""
+    save_path = Path(save_path)
+    if single and save_path.suffix.lower() in PICTURE_SUFFIXES:
+        return save_path
+    relative = Path(image_path).relative_to(root) if root.is_dir() else Path(Path(image_path).name)
+    name = "_".join(relative.with_suffix("").parts) + ".png"
+    return save_path / category / folder / name
+
+
 def predicted_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     """Pixels above the threshold, cleaned with an opening by a disk of radius 4 (as the original)."""
     mask = anomaly_map > pixel_threshold
