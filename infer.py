@@ -70,7 +70,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from datasets.mvtec import ImageList, iterate_batches, read_rgb
     from models.export import InferenceSettings, build_runtime, load_metadata, resolve_model_file
-    from utils.visualize import picture_file
+    from utils.visualize import picture_file, report_prediction
     from utils.logger import get_logger
 
     logger = get_logger()
@@ -135,17 +135,12 @@ def main(argv=None):
         if autolog:
             autolog.times.stamp()
         for sample, anomaly_map, score in zip(batch.samples, maps, scores):
-            verdict = "anomalous" if score > image_threshold else "normal"
-            anomalous += verdict == "anomalous"
-            line = f"Infer : {sample.path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
+            picture = display_image = None
             if args.save_picture:
-                from utils.visualize import plot_panels
-                target = picture_file(args.save_path, category, sample.path, images.root, single, "infer")
-                image = images.transform.to_display(read_rgb(sample.path))
-                plot_panels(target, image, anomaly_map, pixel_threshold, vmin, vmax,
-                            title=f"{Path(sample.path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})")
-                line += f"  picture {target}"
-            logger.info(line)
+                picture = picture_file(args.save_path, category, sample.path, images.root, single, "infer")
+                display_image = images.transform.to_display(read_rgb(sample.path))
+            anomalous += report_prediction(logger, "Infer", sample.path, anomaly_map, score, image_threshold,
+                                           pixel_threshold, (vmin, vmax), picture, display_image)
         if autolog:
             autolog.times.end(stamp=True)
     logger.info(f"Infer done: {len(images)} image(s), {anomalous} anomalous")

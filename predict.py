@@ -47,6 +47,7 @@ def main():
     from models.model_file import load_model
     from models.pipeline import build_model, display_range, thresholds_of, use_device
     from utils.logger import get_logger
+    from utils.visualize import picture_file, report_prediction
 
     set_num_threads()
     logger = get_logger()
@@ -78,17 +79,12 @@ def main():
             maps, scores = model(paddle.to_tensor(batch.images))
         maps, scores = maps.numpy(), scores.numpy()
         for sample, anomaly_map, score in zip(batch.samples, maps, scores):
-            verdict = "anomalous" if score > image_threshold else "normal"
-            anomalous += verdict == "anomalous"
-            line = f"Predict : {sample.path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
+            picture = display_image = None
             if args.save_picture:
-                from utils.visualize import picture_file, plot_panels
-                target = picture_file(args.save_path, category, sample.path, images.root, single, "predict")
-                image = images.transform.to_display(read_rgb(sample.path))
-                plot_panels(target, image, anomaly_map, pixel_threshold, vmin, vmax,
-                            title=f"{Path(sample.path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})")
-                line += f"  picture {target}"
-            logger.info(line)
+                picture = picture_file(args.save_path, category, sample.path, images.root, single, "predict")
+                display_image = images.transform.to_display(read_rgb(sample.path))
+            anomalous += report_prediction(logger, "Predict", sample.path, anomaly_map, score, image_threshold,
+                                           pixel_threshold, (vmin, vmax), picture, display_image)
     logger.info(f"Predict done: {len(images)} image(s), {anomalous} anomalous")
 
 

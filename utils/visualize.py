@@ -109,3 +109,19 @@ def plot_roc(path, curves: dict, title: str) -> Path:
     axis.legend(loc="lower right")
     figure.tight_layout()
     return _save(figure, path)
+
+
+def report_prediction(logger, label: str, sample_path: str, anomaly_map: np.ndarray, score: float,
+                      image_threshold: float, pixel_threshold: float, display: tuple, picture=None,
+                      display_image=None) -> bool:
+    """The per-image output of predict.py and infer.py: one line with score, threshold and verdict,
+    and the 4-panel picture when ``picture`` (a path) is given. Returns True when anomalous."""
+    anomalous = bool(score > image_threshold)
+    verdict = "anomalous" if anomalous else "normal"
+    line = f"{label} : {sample_path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
+    if picture is not None:
+        title = f"{Path(sample_path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})"
+        plot_panels(picture, display_image, anomaly_map, pixel_threshold, *display, title=title)
+        line += f"  picture {picture}"
+    logger.info(line)
+    return anomalous
