@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
 DEFAULT_SEED = 7
@@ -166,7 +167,7 @@ def covariance_from_whitening(whitening: np.ndarray) -> np.ndarray:
 def mahalanobis(embeddings: paddle.Tensor, mean: paddle.Tensor, whitening: paddle.Tensor) -> paddle.Tensor:
     """[B, d, P] embeddings -> [B, P] distances ‖(x - μ) W‖, batched over positions."""
     delta = embeddings.transpose([2, 0, 1]) - mean.unsqueeze(1)          # [P, B, d]
-    whitened = paddle.bmm(delta, whitening)                              # [P, B, d]
+    whitened = paddle.matmul(delta, whitening)                           # [P, B, d]
     return paddle.sqrt((whitened * whitened).sum(axis=2)).transpose([1, 0])
 
 
@@ -183,43 +184,73 @@ def mahalanobis_in_chunks(embeddings: paddle.Tensor, mean: np.ndarray, whitening
     return paddle.concat(parts, axis=1)
 
 
-class Embedding(nn.Layer):
-    """Stage features -> the d selected channels at the first stage's grid, as [B, d, P].
+def upsample_nearest(x: paddle.Tensor, height: int, width: int) -> paddle.Tensor:
+    """``F.interpolate(x, (height, width), mode='nearest')`` without an interpolate op: a
+    reshape + expand for integer factors (the ResNet/MobileNet stages), gathers otherwise."""
+    channels, source_h, source_w = x.shape[1], x.shape[2], x.shape[3]
+    if height % source_h == 0 and width % source_w == 0:
+        step_h, step_w = height // source_h, width // source_w
+        x = x.reshape([-1, channels, source_h, 1, source_w, 1])
+        x = x.expand([x.shape[0], channels, source_h, step_h, source_w, step_w])
+        return x.reshape([-1, channels, height, width])
+    rows = paddle.to_tensor(nearest_indices(source_h, height))
+    cols = paddle.to_tensor(nearest_indices(source_w, width))
+    return paddle.index_select(paddle.index_select(x, rows, axis=2), cols, axis=3)
 
-    Equivalent to nearest-upsampling every stage, concatenating and gathering ``idx``, but
-    only the selected channels are upsampled, with gathers (no interpolate op in the graph).
+
+class Embedding(nn.Layer):
+    """Stage features -> the d selected channels at the first stage's grid, [B, d, P], in
+    stage-grouped order: the channels of ``idx`` that come from stage 1 (in draw order), then
+    stage 2, then stage 3. ``to_idx_order`` gives the original's order (nearest-upsample every
+    stage, concatenate, gather ``idx``).
+
+    Each stage's channels are picked by a one-hot 1×1 convolution (exact in float32; it runs in
+    oneDNN/cuDNN where a gather would not) and only those are upsampled, by reshape + expand: no
+    gather or interpolate op in the graph for the usual integer stage ratios.
     """
 
     def __init__(self, channels: Sequence[int], idx: np.ndarray):
         super().__init__()
         offsets = np.cumsum([0] + list(channels))
         idx = np.asarray(idx, dtype=np.int64)
-        self.stage_channels: list = []
-        grouped = []
+        self.stages_used = []
+        grouped_positions = []
         for stage, (low, high) in enumerate(zip(offsets[:-1], offsets[1:])):
-            chosen = [int(i) for i in idx if low <= i < high]
-            self.stage_channels.append(np.asarray([i - low for i in chosen], dtype=np.int64))
-            grouped.extend(chosen)
-        position = {channel: k for k, channel in enumerate(grouped)}
-        self.register_buffer("order", paddle.to_tensor(np.asarray([position[int(i)] for i in idx])))
-        for stage, chosen in enumerate(self.stage_channels):
-            self.register_buffer(f"stage{stage}_channels", paddle.to_tensor(chosen))
+            positions = [k for k, channel in enumerate(idx) if low <= channel < high]
+            if not positions:
+                continue
+            selection = np.zeros((len(positions), high - low, 1, 1), dtype=np.float32)
+            selection[np.arange(len(positions)), idx[positions] - low] = 1.0
+            self.stages_used.append(stage)
+            self.register_buffer(f"stage{stage}_selection", paddle.to_tensor(selection))
+            grouped_positions.extend(positions)
+        # grouped channel k is idx[grouped_positions[k]]; idx channel j is grouped channel order[j]
+        self.grouped_positions = np.asarray(grouped_positions, dtype=np.int64)
+        self.order = np.argsort(self.grouped_positions)
 
     def forward(self, features: list) -> paddle.Tensor:
         height, width = features[0].shape[2], features[0].shape[3]
         parts = []
-        for stage, feature in enumerate(features):
-            chosen = getattr(self, f"stage{stage}_channels")
-            if chosen.shape[0] == 0:
-                continue
-            part = paddle.index_select(feature, chosen, axis=1)
-            if feature.shape[2] != height or feature.shape[3] != width:
-                rows = paddle.to_tensor(nearest_indices(feature.shape[2], height))
-                cols = paddle.to_tensor(nearest_indices(feature.shape[3], width))
-                part = paddle.index_select(paddle.index_select(part, rows, axis=2), cols, axis=3)
+        for stage in self.stages_used:
+            part = F.conv2d(features[stage], getattr(self, f"stage{stage}_selection"))
+            if part.shape[2] != height or part.shape[3] != width:
+                part = upsample_nearest(part, height, width)
             parts.append(part)
-        stacked = paddle.index_select(paddle.concat(parts, axis=1), self.order, axis=1)
-        return stacked.reshape([stacked.shape[0], stacked.shape[1], height * width])
+        return paddle.concat(parts, axis=1).flatten(2)
+
+    def to_idx_order(self, embeddings: paddle.Tensor) -> paddle.Tensor:
+        return paddle.index_select(embeddings, paddle.to_tensor(self.order), axis=1)
+
+    def to_grouped_order(self, mean: np.ndarray, whitening: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The Gaussian of idx-ordered embeddings expressed for grouped embeddings: mean columns
+        and whitening rows permuted (‖(x-μ)W‖ is unchanged when x, μ and W's rows move together).
+        The whitening rows are permuted in place, a slice of positions at a time, so a 3.8 GB
+        array is not copied."""
+        positions = self.grouped_positions
+        mean = np.ascontiguousarray(mean[:, positions])
+        for start in range(0, whitening.shape[0], 256):
+            whitening[start:start + 256] = whitening[start:start + 256][:, positions, :]
+        return mean, whitening
 
 
 class PaDiM(nn.Layer):
@@ -235,6 +266,9 @@ class PaDiM(nn.Layer):
         # Buffers, not parameters: no initialiser run over 3.8 GB for WR50, still saved in the
         # exported parameters file; on the CPU they share the host arrays' memory (one copy).
         self._host_arrays = []
+        # The model file keeps the original's idx order; the graph works in grouped order.
+        # ``whitening`` is permuted in place: the caller hands it over.
+        mean, whitening = self.embedding.to_grouped_order(mean, np.require(whitening, np.float32, ["C", "W"]))
         self.register_buffer("mean", self._device_tensor(mean))
         self.register_buffer("whitening", self._device_tensor(whitening))
         rows, cols_t = smoothing_pair(self.feature_grid, self.image_size, sigma)

@@ -81,7 +81,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         data_time = time.perf_counter() - data_started
         tick = time.perf_counter()
         with paddle.no_grad():
-            embeddings = embedding(backbone(paddle.to_tensor(batch.images)))
+            embeddings = embedding.to_idx_order(embedding(backbone(paddle.to_tensor(batch.images))))
         embeddings.numpy()  # waits for the device, so the timings below are honest
         tock = time.perf_counter()
         gaussian.update(embeddings)

@@ -92,16 +92,19 @@ def test_upsample_and_blur_equal_interpolate_then_gaussian_filter(size):
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_embedding_equals_interpolate_concat_index_select():
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2)], [(8, 10), (3, 5), (2, 3)]])
+def test_embedding_equals_interpolate_concat_index_select(sizes):
     rng = np.random.default_rng(5)
-    features = [rng.random((2, 4, 8, 8)), rng.random((2, 6, 4, 4)), rng.random((2, 5, 2, 2))]
+    features = [rng.normal(size=(2, c, *hw)) for c, hw in zip((4, 6, 5), sizes)]
     features = [paddle.to_tensor(f.astype(np.float32)) for f in features]
     idx = channel_indices(15, 7, seed=3)
     reference = features[0]
     for feature in features[1:]:
-        reference = paddle.concat([reference, F.interpolate(feature, size=[8, 8], mode="nearest")], axis=1)
-    expected = paddle.index_select(reference, paddle.to_tensor(idx), axis=1).numpy().reshape(2, 7, 64)
-    ours = Embedding([4, 6, 5], idx)(features).numpy()
+        reference = paddle.concat([reference, F.interpolate(feature, size=list(sizes[0]), mode="nearest")], axis=1)
+    positions = sizes[0][0] * sizes[0][1]
+    expected = paddle.index_select(reference, paddle.to_tensor(idx), axis=1).numpy().reshape(2, 7, positions)
+    embedding = Embedding([4, 6, 5], idx)
+    ours = embedding.to_idx_order(embedding(features)).numpy()
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -124,12 +127,12 @@ def test_padim_forward_is_embedding_distance_upsample_blur_max():
     idx = channel_indices(7, 5, seed=1)
     images = paddle.to_tensor(np.random.default_rng(6).normal(size=(6, 3, 32, 32)).astype(np.float32))
     embedding = Embedding(backbone.channels, idx)
-    train = embedding(backbone(images)).numpy()
+    train = embedding.to_idx_order(embedding(backbone(images))).numpy()
     mean, whitening = fit(train, batch_size=4)
     model = PaDiM(backbone, idx, mean, whitening, (32, 32), (8, 8))
     test = images[:2] * 1.5
     anomaly_map, score = model(test)
-    emb = embedding(backbone(test)).numpy().astype(np.float64)
+    emb = embedding.to_idx_order(embedding(backbone(test))).numpy().astype(np.float64)
     ref_mean, ref_cov = reference_gaussian(train)
     inverse = np.linalg.inv(ref_cov)
     delta = emb.transpose(0, 2, 1) - ref_mean
