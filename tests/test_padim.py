@@ -142,3 +142,13 @@ def test_padim_forward_is_embedding_distance_upsample_blur_max():
     expected = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in upsampled])
     np.testing.assert_allclose(anomaly_map.numpy(), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(score.numpy(), expected.reshape(2, -1).max(axis=1), rtol=1e-4)
+
+
+def test_device_update_path_equals_host_path(monkeypatch):
+    """The GPU code path (Paddle ops) runs here on CPU tensors and must give the host path's fit."""
+    features = correlated_features(n=24, d=7, positions=10, seed=8)
+    mean_host, whitening_host = fit(features, batch_size=5)
+    monkeypatch.setattr("models.padim.paddle.get_device", lambda: "gpu:0")
+    mean_device, whitening_device = fit(features, batch_size=5)
+    np.testing.assert_allclose(mean_device, mean_host, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whitening_device, whitening_host, rtol=1e-4, atol=1e-5)
