@@ -1,39 +1,13 @@
 """End to end through the command lines on the demo category, and every bad input -> exit 2."""
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_script as run
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(script, *args, env=None, cwd=None):
-    merged = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, env=merged, cwd=cwd or ROOT, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from datasets.demo import generate_demo_category
-    root = tmp_path_factory.mktemp("demo_data")
-    generate_demo_category(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory):
-    """train.py (with its built-in val) on the demo category with the ImageNet MobileNetV2."""
-    out = tmp_path_factory.mktemp("out")
-    result = run("train.py", "--data_path", demo_root, "--category", "demo", "--backbone", "mobilenet_v2",
-                 "--save_path", out, "--save_picture", "False")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
 
 
 def test_train_writes_model_log_and_validates(trained):

@@ -38,20 +38,8 @@ def run_in_process(main, argv):
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    from datasets.demo import generate_demo_category
-    root = tmp_path_factory.mktemp("deploy_data")
-    generate_demo_category(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_path(demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy_train")
-    result = run("train.py", "--data_path", demo_root, "--category", "demo", "--backbone", "mobilenet_v2",
-                 "--save_path", out, "--save_picture", "False", "--print_freq", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "demo" / "best.pdparams"
+def model_path(trained):
+    return trained[0] / "demo" / "best.pdparams"
 
 
 @pytest.fixture(scope="module")
