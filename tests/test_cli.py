@@ -1,13 +1,11 @@
 """End to end through the command lines on the demo category, and every bad input -> exit 2."""
 import json
 import random
-from pathlib import Path
 
 import pytest
 from conftest import run_script as run
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_writes_model_log_and_validates(trained):
