@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import new_parser, positive_int, run_cli, str2bool
+from utils.cli import add_verdict_args, new_parser, positive_int, run_cli, str2bool
 
 
 def build_parser():
@@ -58,11 +58,7 @@ def build_parser():
     parser.add_argument("--backend", choices=("paddle", "onnxruntime"), default=None,
                         help="paddle: Paddle Inference on the .json graph; onnxruntime: model.onnx beside it "
                              "(or --model_file). Default: onnxruntime for an .onnx --model_file, else paddle")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image-score threshold for the verdict, absolute units; default: the exported one")
-    parser.add_argument("--pixel_threshold", type=float, default=None,
-                        help="threshold of the predicted mask, absolute units; default: the exported one")
-    parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
+    add_verdict_args(parser, "the exported one (model.meta.json)")
     return parser
 
 

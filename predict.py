@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import add_backbone_args, add_device_arg, new_parser, backbone_name, positive_int, run_cli, str2bool
+from utils.cli import add_backbone_args, add_device_arg, add_verdict_args, backbone_name, new_parser, positive_int, run_cli
 
 def build_parser():
     parser = new_parser(__doc__)
@@ -24,14 +24,9 @@ def build_parser():
     parser.add_argument("--category", default=None,
                         help="category, used for the default model path and output folder; default 'demo'")
     add_backbone_args(parser, pretrained=False)
-    parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
     parser.add_argument("--seed", type=int, default=None,
                         help="accepted for compatibility: the channel indices come from the model file")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="image-score threshold for the verdict, in the model's absolute units; default: "
-                             "the one stored by val.py (or the training maximum if val.py never ran)")
-    parser.add_argument("--pixel_threshold", type=float, default=None,
-                        help="threshold for the predicted mask, absolute units; default: the stored one")
+    add_verdict_args(parser, "the one val.py stored in the model file (the training maximum if val.py never ran)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
     parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
     add_device_arg(parser)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import paddle
@@ -53,7 +53,6 @@ class FitReport:
     extraction_seconds: float
     gaussian_seconds: float
     batches: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagenet", d: int | None = None,

@@ -109,8 +109,14 @@ def add_backbone_args(parser, pretrained: bool = True) -> None:
                                 "asked). The original's default path is used if it exists, else 'imagenet'")
 
 
-def add_seed_arg(parser, help_text: str) -> None:
-    parser.add_argument("--seed", type=int, default=7, help=help_text)
+def add_verdict_args(parser, stored: str) -> None:
+    """--threshold, --pixel_threshold and --save_picture of predict.py and infer.py; ``stored``
+    says where the default thresholds come from."""
+    parser.add_argument("--threshold", type=float, default=None,
+                        help=f"image-score threshold for the verdict, absolute units; default: {stored}")
+    parser.add_argument("--pixel_threshold", type=float, default=None,
+                        help=f"threshold of the predicted mask, absolute units; default: {stored}")
+    parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
 
 
 def add_device_arg(parser) -> None:
