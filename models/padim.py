@@ -5,15 +5,17 @@ feature positions, (H, W) the input image size.
 """
 from __future__ import annotations
 
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from scipy.linalg import lapack
 from scipy.ndimage import gaussian_filter1d
+from threadpoolctl import threadpool_limits
 
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
@@ -79,36 +81,38 @@ _smooth = smooth
 class GaussianFit:
     """Streaming per-position mean and covariance of embeddings [B, d, P].
 
-    Keeps float64 sums of (x - shift) and of the upper triangle of (x - shift)(x - shift)ᵀ per
-    position, in chunks of positions, so memory is O(P·d²/2) whatever the number of images and
+    Keeps the sum of (x - shift) [P, d] (float64) and the Gram matrices of (x - shift)
+    [P, d, d] (float32) per position, so memory is O(P·d²) whatever the number of images and
     no embedding is kept. ``shift`` is the first batch's mean: centring first keeps the float32
-    per-batch products accurate (no cancellation), and the float64 sums keep them accurate
-    across any number of batches. The products run on the device; the sums live in host
-    memory as NumPy arrays, which go back to the system chunk by chunk in ``finalize`` (Paddle's
-    allocator would keep them cached, doubling the peak for WR50-Rd550).
+    products accurate (no cancellation between Σxxᵀ and n·μμᵀ). ``finalize`` writes the
+    whitening matrices over the Gram array, a slice of positions at a time, so the fit never
+    holds two [P, d, d] arrays (3.8 GB each for WR50-Rd550).
+
+    On the CPU the work runs on NumPy in ``threads`` threads over slices of positions (BLAS
+    limited to one thread each: these are many small matrices, where BLAS's own threading only
+    adds overhead); on a GPU the products run as batched Paddle matmuls.
     """
 
-    def __init__(self, chunk_bytes: int = 64 << 20):
+    def __init__(self, chunk_bytes: int = 16 << 20, threads: int | None = None):
         self.chunk_bytes = chunk_bytes
+        self.threads = threads or available_cpus()
         self.n_ = 0
         self._shift = None          # [P, d] float32
         self._sum = None            # [P, d] float64
-        self._outer = None          # list of [p_chunk, d(d+1)/2] float64
-        self._chunks = None         # list of (start, stop)
-        self._triu = None
+        self._gram = None           # [P, d, d] float32
+        self._chunks = None         # list of (start, stop) position slices
 
-    def _start(self, first: paddle.Tensor):
-        positions, _, d = first.shape
-        per_position = d * d * 4
-        step = max(1, min(positions, self.chunk_bytes // per_position))
+    def _start(self, first: np.ndarray):
+        """``first``: the first batch as [B, d, P] float32."""
+        _, d, positions = first.shape
+        step = max(1, min(64, self.chunk_bytes // (d * d * 4)))
         self._chunks = [(s, min(s + step, positions)) for s in range(0, positions, step)]
-        rows, cols = np.triu_indices(d)
-        self._triu_host = rows * d + cols
-        self._triu = paddle.to_tensor(self._triu_host)
-        self._shift = first.mean(axis=1)
-        self._shift_host = self._shift.numpy()
+        # the factorisations work in float64 on smaller slices that stay in cache
+        step = max(1, min(step, (3 << 19) // (d * d * 8)))
+        self._finalize_chunks = [(s, min(s + step, positions)) for s in range(0, positions, step)]
+        self._shift = np.ascontiguousarray(first.mean(axis=0, dtype=np.float64).T, dtype=np.float32)
         self._sum = np.zeros((positions, d), dtype=np.float64)
-        self._outer = [np.zeros((stop - start, len(rows)), dtype=np.float64) for start, stop in self._chunks]
+        self._gram = np.zeros((positions, d, d), dtype=np.float32)
         self.d_, self.positions_ = d, positions
 
     @paddle.no_grad()
@@ -117,89 +121,142 @@ class GaussianFit:
         if self._sum is not None and (d, positions) != (self.d_, self.positions_):
             raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
         if paddle.get_device() == "cpu":
-            self._update_host(embeddings.numpy())
+            self._update_host(host_array(embeddings))
         else:
             self._update_device(embeddings)
         self.n_ += batch
         return self
 
     def _update_device(self, embeddings: paddle.Tensor) -> None:
-        x = embeddings.astype("float32").transpose([2, 0, 1])           # [P, B, d]
+        x = embeddings.astype("float32")
+        if self._sum is None:
+            self._start(x.numpy())
+        x = x.transpose([2, 0, 1]) - paddle.to_tensor(self._shift).unsqueeze(1)   # [P, B, d]
+        self._sum += x.sum(axis=1).numpy()
+        for start, stop in self._chunks:
+            block = x[start:stop]
+            self._gram[start:stop] += paddle.matmul(block, block, transpose_x=True).numpy()
+
+    def _update_host(self, x: np.ndarray) -> None:
+        """Per slice of positions: the batch as a centred [p, B, d] block, then its Gram
+        matrices. (Gathering several batches first saved 10% but raised the peak memory: the
+        held batches keep Paddle's allocator from reusing their memory.)"""
         if self._sum is None:
             self._start(x)
-        x = x - self._shift.unsqueeze(1)
-        self._sum += x.sum(axis=1).numpy()
-        d = x.shape[2]
-        for (start, stop), outer in zip(self._chunks, self._outer):
-            block = x[start:stop]
-            gram = paddle.matmul(block, block, transpose_x=True)           # [p, d, d]
-            outer += paddle.index_select(gram.reshape([stop - start, d * d]), self._triu, axis=1).numpy()
 
-    def _update_host(self, embeddings: np.ndarray) -> None:
-        # Same sums as _update_device; on the CPU NumPy's stacked matmul and take are several
-        # times faster than Paddle's eager kernels for these shapes.
-        x = np.ascontiguousarray(embeddings.transpose(2, 0, 1), dtype=np.float32)  # [P, B, d]
-        if self._sum is None:
-            self._start(paddle.to_tensor(x))
-        x -= self._shift_host[:, None, :]
-        self._sum += x.sum(axis=1)
-        triu = self._triu_host
-        for (start, stop), outer in zip(self._chunks, self._outer):
-            block = x[start:stop]
-            gram = np.matmul(block.transpose(0, 2, 1), block)               # [p, d, d]
-            outer += gram.reshape(stop - start, -1).take(triu, axis=1)
+        def work(start, stop):
+            # a contiguous copy of the slice first: transposing it is then cache-friendly
+            block = np.ascontiguousarray(x[:, :, start:stop]).transpose(2, 0, 1) - self._shift[start:stop, None, :]
+            self._sum[start:stop] += block.sum(axis=1)
+            self._gram[start:stop] += np.matmul(block.transpose(0, 2, 1), block)
+
+        run_over_chunks(work, self._chunks, self.threads)
 
     @paddle.no_grad()
     def finalize(self, eps: float = DEFAULT_EPS) -> tuple[np.ndarray, np.ndarray]:
         """(mean [P, d] float32, whitening [P, d, d] float32) with cov = N-1 estimate + eps·I.
 
         ``whitening`` is L⁻ᵀ for the Cholesky factor L of each covariance, so that
-        ‖(x - mean) @ whitening‖ is the Mahalanobis distance. Sums are freed as they are used.
+        ‖(x - mean) @ whitening‖ is the Mahalanobis distance. It is written over the Gram
+        array, which the fit no longer holds afterwards.
         """
         if self.n_ < 2:
             raise ValueError(f"need at least 2 training images to fit a covariance, got {self.n_}")
-        d, n = self.d_, self.n_
+        n, d = self.n_, self.d_
         centred_mean = self._sum / n                                      # [P, d] float64
-        rows, cols = np.triu_indices(d)
-        packed_position = np.empty((d, d), dtype=np.int64)
-        packed_position[rows, cols] = np.arange(len(rows))
-        packed_position[cols, rows] = np.arange(len(rows))
-        unpack = packed_position.reshape(-1)
-        whiten = _whiten_host if paddle.get_device() == "cpu" else _whiten_device
-        whitening = np.empty((self.positions_, d, d), dtype=np.float32)
-        for (start, stop) in self._chunks:
-            outer = self._outer.pop(0)
+        gram, self._gram = self._gram, None
+        on_device = paddle.get_device() != "cpu"
+
+        def work(start, stop):
             m = centred_mean[start:stop]
-            second = outer.take(unpack, axis=1).reshape(stop - start, d, d)
-            del outer
-            second -= n * m[:, :, None] * m[:, None, :]
-            second /= n - 1
-            second[:, np.arange(d), np.arange(d)] += eps
-            whiten(second, whitening[start:stop])
-        self._outer = None
-        mean = self._shift_host.astype(np.float64) + centred_mean
-        return mean.astype(np.float32), whitening
+            cov = gram[start:stop].astype(np.float64)
+            cov -= n * m[:, :, None] * m[:, None, :]
+            cov /= n - 1
+            cov[:, np.arange(d), np.arange(d)] += eps
+            finite = np.isfinite(cov).all(axis=(1, 2))
+            if not finite.all():
+                raise ValueError(f"the embeddings at feature position {start + int(np.argmin(finite))} are not "
+                                 "finite (NaN or inf): check the backbone weights and the input images")
+            gram[start:stop] = _whiten_device(cov) if on_device else _whiten_host(cov, start)
+
+        run_over_chunks(work, self._finalize_chunks, 1 if on_device else self.threads)
+        mean = self._shift.astype(np.float64) + centred_mean
+        return mean.astype(np.float32), gram
 
 
-def _whiten_host(cov: np.ndarray, out: np.ndarray) -> None:
-    """out[k] = L⁻ᵀ with cov[k] = L Lᵀ, by LAPACK per position (float64; cov is overwritten)."""
-    for k in range(len(cov)):
-        lower, info = lapack.dpotrf(cov[k], lower=1, clean=1, overwrite_a=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"covariance at position {k} is not positive definite (dpotrf info {info})")
-        inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"singular Cholesky factor at position {k} (dtrtri info {info})")
-        out[k] = inverse.T
+def host_array(tensor: paddle.Tensor) -> np.ndarray:
+    """A CPU tensor as float32 NumPy without a copy where DLPack allows (the array keeps the
+    tensor's memory alive)."""
+    if tensor.dtype != paddle.float32:
+        tensor = tensor.astype("float32")
+    try:
+        return np.from_dlpack(tensor)
+    except (TypeError, RuntimeError, BufferError, AttributeError):
+        return tensor.numpy()
 
 
-def _whiten_device(cov: np.ndarray, out: np.ndarray) -> None:
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_over_chunks(work, chunks, threads: int) -> None:
+    """``work(start, stop)`` for every chunk, on ``threads`` threads with BLAS at one thread each
+    (NumPy releases the GIL in its matmul, linalg and ufunc loops)."""
+    if threads <= 1 or len(chunks) <= 1:
+        for start, stop in chunks:
+            work(start, stop)
+        return
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+        for future in [pool.submit(work, start, stop) for start, stop in chunks]:
+            future.result()
+
+
+def _triangular_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of lower-triangular matrices [k, d, d] by 2x2 block recursion:
+    [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]. Batched matmuls do the work that
+    3136 separate LAPACK calls would (NumPy's stacked inv on the small diagonal blocks)."""
+    d = lower.shape[-1]
+    if d <= 24:
+        return np.linalg.inv(lower)
+    h = d // 2
+    top = _triangular_inverse(lower[:, :h, :h])
+    bottom = _triangular_inverse(lower[:, h:, h:])
+    inverse = np.zeros_like(lower)
+    inverse[:, :h, :h] = top
+    inverse[:, h:, h:] = bottom
+    inverse[:, h:, :h] = -np.matmul(bottom, np.matmul(lower[:, h:, :h], top))
+    return inverse
+
+
+def _whiten_host(cov: np.ndarray, first_position: int = 0) -> np.ndarray:
+    """[k, d, d] float64 covariances -> [k, d, d] float32 L⁻ᵀ with cov = L Lᵀ."""
+    try:
+        lower = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        bad = next(k for k in range(len(cov)) if not _positive_definite(cov[k]))
+        raise np.linalg.LinAlgError(
+            f"covariance at position {first_position + bad} is not positive definite") from None
+    return np.swapaxes(_triangular_inverse(lower), 1, 2).astype(np.float32)
+
+
+def _positive_definite(matrix: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(matrix)
+        return True
+    except np.linalg.LinAlgError:
+        return False
+
+
+def _whiten_device(cov: np.ndarray) -> np.ndarray:
     """``_whiten_host`` as batched Paddle ops on the current device."""
     d = cov.shape[1]
     identity = paddle.eye(d, dtype="float64").expand([len(cov), d, d])
     lower = paddle.linalg.cholesky(paddle.to_tensor(cov))
     inverse = paddle.linalg.triangular_solve(lower, identity, upper=False)
-    out[:] = inverse.transpose([0, 2, 1]).astype("float32").numpy()
+    return inverse.transpose([0, 2, 1]).astype("float32").numpy()
 
 
 def covariance_from_whitening(whitening: np.ndarray) -> np.ndarray:
@@ -210,9 +267,31 @@ def covariance_from_whitening(whitening: np.ndarray) -> np.ndarray:
 
 def mahalanobis(embeddings: paddle.Tensor, mean: paddle.Tensor, whitening: paddle.Tensor) -> paddle.Tensor:
     """[B, d, P] embeddings -> [B, P] distances ‖(x - μ) W‖, batched over positions."""
-    delta = embeddings.transpose([2, 0, 1]) - mean.unsqueeze(1)          # [P, B, d]
-    whitened = paddle.matmul(delta, whitening)                           # [P, B, d]
+    return mahalanobis_positions_first(embeddings.transpose([2, 0, 1]), mean, whitening)
+
+
+def mahalanobis_positions_first(embeddings: paddle.Tensor, mean: paddle.Tensor,
+                                whitening: paddle.Tensor) -> paddle.Tensor:
+    """``mahalanobis`` of [P, B, d] embeddings (the layout the batched matmul needs) -> [B, P]."""
+    whitened = paddle.matmul(embeddings - mean.unsqueeze(1), whitening)   # [P, B, d]
     return paddle.sqrt((whitened * whitened).sum(axis=2)).transpose([1, 0])
+
+
+def mahalanobis_host(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray,
+                     threads: int | None = None, chunk_positions: int = 64) -> np.ndarray:
+    """``mahalanobis_positions_first`` in NumPy for the CPU: [P, B, d] float32 -> [B, P]
+    float32, the positions split over threads. Same arithmetic; Paddle's eager batched
+    matmul is several times slower on the CPU for these many small products."""
+    positions, batch, _ = embeddings.shape
+    distances = np.empty((positions, batch), dtype=np.float32)
+
+    def work(start, stop):
+        whitened = np.matmul(embeddings[start:stop] - mean[start:stop, None, :], whitening[start:stop])
+        np.sqrt(np.einsum("pbd,pbd->pb", whitened, whitened), out=distances[start:stop])
+
+    chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
+    run_over_chunks(work, chunks, threads or available_cpus())
+    return np.ascontiguousarray(distances.T)
 
 
 def mahalanobis_in_chunks(embeddings: paddle.Tensor, mean: np.ndarray, whitening: np.ndarray,
@@ -240,6 +319,19 @@ def upsample_nearest(x: paddle.Tensor, height: int, width: int) -> paddle.Tensor
     rows = paddle.to_tensor(nearest_indices(source_h, height))
     cols = paddle.to_tensor(nearest_indices(source_w, width))
     return paddle.index_select(paddle.index_select(x, rows, axis=2), cols, axis=3)
+
+
+def upsample_nearest_positions_first(x: paddle.Tensor, height: int, width: int) -> paddle.Tensor:
+    """``upsample_nearest`` of [h, w, B, c] features -> [height, width, B, c]."""
+    source_h, source_w, channels = x.shape[0], x.shape[1], x.shape[3]
+    if height % source_h == 0 and width % source_w == 0:
+        step_h, step_w = height // source_h, width // source_w
+        x = x.reshape([source_h, 1, source_w, 1, -1, channels])
+        x = x.expand([source_h, step_h, source_w, step_w, x.shape[4], channels])
+        return x.reshape([height, width, -1, channels])
+    rows = paddle.to_tensor(nearest_indices(source_h, height))
+    cols = paddle.to_tensor(nearest_indices(source_w, width))
+    return paddle.index_select(paddle.index_select(x, rows, axis=0), cols, axis=1)
 
 
 class Embedding(nn.Layer):
@@ -272,14 +364,23 @@ class Embedding(nn.Layer):
         self.grouped_positions = np.asarray(grouped_positions, dtype=np.int64)
         self.order = np.argsort(self.grouped_positions)
 
-    def forward(self, features: list) -> paddle.Tensor:
+    def forward(self, features: list, positions_first: bool = False) -> paddle.Tensor:
+        """[B, d, P] embeddings, or [P, B, d] with ``positions_first`` (what scoring needs: then
+        each stage is transposed before it is upsampled, on 1/4 or 1/16 of the data)."""
         height, width = features[0].shape[2], features[0].shape[3]
         parts = []
         for stage in self.stages_used:
-            part = F.conv2d(features[stage], getattr(self, f"stage{stage}_selection"))
-            if part.shape[2] != height or part.shape[3] != width:
-                part = upsample_nearest(part, height, width)
-            parts.append(part)
+            part = F.conv2d(features[stage], getattr(self, f"stage{stage}_selection"))     # [B, c, h, w]
+            resize = part.shape[2] != height or part.shape[3] != width
+            if positions_first:
+                part = part.transpose([2, 3, 0, 1])                                        # [h, w, B, c]
+                if resize:
+                    part = upsample_nearest_positions_first(part, height, width)
+                parts.append(part.flatten(0, 1))
+            else:
+                parts.append(upsample_nearest(part, height, width) if resize else part)
+        if positions_first:
+            return paddle.concat(parts, axis=2)
         return paddle.concat(parts, axis=1).flatten(2)
 
     def to_idx_order(self, embeddings: paddle.Tensor) -> paddle.Tensor:
@@ -315,6 +416,8 @@ class PaDiM(nn.Layer):
         mean, whitening = self.embedding.to_grouped_order(mean, np.require(whitening, np.float32, ["C", "W"]))
         self.register_buffer("mean", self._device_tensor(mean))
         self.register_buffer("whitening", self._device_tensor(whitening))
+        # on the CPU, eager scoring runs in NumPy on the same memory (None on a GPU)
+        self._host_gaussian = tuple(self._host_arrays) if self._host_arrays else None
         rows, cols_t = smoothing_pair(self.feature_grid, self.image_size, sigma)
         self.register_buffer("row_smoothing", rows)
         self.register_buffer("col_smoothing_t", cols_t)
@@ -327,22 +430,30 @@ class PaDiM(nn.Layer):
         self._host_arrays.append(array)  # the zero-copy tensor borrows this memory: keep it alive
         return paddle.Tensor(array, paddle.CPUPlace(), False, True)
 
-    def embed(self, images: paddle.Tensor) -> paddle.Tensor:
-        return self.embedding(self.backbone(images))
+    def host_scoring(self) -> bool:
+        """Eager on the CPU, scoring runs in NumPy threads on the Gaussian's host memory; in a
+        GPU or exported graph, as Paddle ops."""
+        return self._host_gaussian is not None and paddle.in_dynamic_mode()
 
-    def distance_grid(self, embeddings: paddle.Tensor) -> paddle.Tensor:
-        """[N, h, w] Mahalanobis distances at the feature grid, before upsampling and blur."""
-        distances = mahalanobis(embeddings, self.mean, self.whitening)
-        return distances.reshape([-1, self.feature_grid[0], self.feature_grid[1]])
+    def embed(self, images: paddle.Tensor, positions_first: bool = True) -> paddle.Tensor:
+        """Embeddings in grouped order: [P, B, d], the layout scoring takes (under Paddle Inference
+        with oneDNN the whole model ran 4-12% faster than with [B, d, P] and a transpose), or
+        [B, d, P] with ``positions_first=False``."""
+        return self.embedding(self.backbone(images), positions_first)
 
-    def smooth(self, grid: paddle.Tensor) -> paddle.Tensor:
+    def distances(self, embeddings: paddle.Tensor) -> paddle.Tensor:
+        """[P, B, d] embeddings -> [B, P] Mahalanobis distances."""
+        if self.host_scoring():
+            mean, whitening = self._host_gaussian
+            return paddle.to_tensor(mahalanobis_host(host_array(embeddings), mean, whitening))
+        return mahalanobis_positions_first(embeddings, self.mean, self.whitening)
+
+    def smooth(self, distances: paddle.Tensor) -> paddle.Tensor:
+        """[B, P] distances -> [B, H, W] upsampled and blurred anomaly maps."""
+        grid = distances.reshape([-1, self.feature_grid[0], self.feature_grid[1]])
         return _smooth(grid, self.row_smoothing, self.col_smoothing_t)
 
-    def score_embeddings(self, embeddings: paddle.Tensor) -> paddle.Tensor:
-        """[N, d, P] embeddings -> [N, H, W] anomaly maps."""
-        return self.smooth(self.distance_grid(embeddings))
-
     def forward(self, images: paddle.Tensor):
-        anomaly_map = self.score_embeddings(self.embed(images))
+        anomaly_map = self.smooth(self.distances(self.embed(images)))
         image_score = anomaly_map.max(axis=[1, 2])
         return anomaly_map, image_score

@@ -20,15 +20,14 @@ def correlated(n, d, positions, seed):
 
 
 def test_per_patch_loop_equals_vectorised_fit_and_scoring():
-    from tools.benchmark import loop_fit, loop_score, vectorised_fit, vectorised_score
-    import paddle
+    from tools.benchmark import loop_fit, loop_score, positions_first_batches, vectorised_fit, vectorised_score
 
     train, test = correlated(40, 8, 12, seed=0), correlated(5, 8, 12, seed=1)
     positions = np.arange(12)
     loop_mean, cov = loop_fit(train, positions)
     reference = loop_score(test, loop_mean, cov, positions)
     mean, whitening = vectorised_fit(train, batch_size=16)
-    distances = vectorised_score(test, paddle.to_tensor(mean), paddle.to_tensor(whitening), batch_size=4)
+    distances = vectorised_score(positions_first_batches(test, batch_size=4), mean, whitening)
     assert distances.shape == reference.shape == (5, 12)
     np.testing.assert_allclose(distances, reference, rtol=1e-4)
     np.testing.assert_allclose(mean.T, loop_mean, rtol=1e-5)

@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from models.padim import (Embedding, GaussianFit, PaDiM, channel_indices, covariance_from_whitening,
-                          mahalanobis, smoothing_matrix)
+                          mahalanobis, mahalanobis_host, smoothing_matrix)
 
 
 def correlated_features(n, d, positions, seed=0):
@@ -44,15 +44,43 @@ def test_fit_matches_numpy_cov_reference():
     np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
 
 
-def test_mahalanobis_matches_scipy_per_patch():
+@pytest.mark.parametrize("path", ["paddle", "numpy_threads"])
+def test_mahalanobis_matches_scipy_per_patch(path):
     train = correlated_features(n=30, d=6, positions=9, seed=1)
     test = correlated_features(n=5, d=6, positions=9, seed=2)
     mean, whitening = fit(train, batch_size=30)
     ref_mean, ref_cov = reference_gaussian(train)
-    distances = mahalanobis(paddle.to_tensor(test), paddle.to_tensor(mean), paddle.to_tensor(whitening)).numpy()
+    if path == "paddle":
+        distances = mahalanobis(paddle.to_tensor(test), paddle.to_tensor(mean), paddle.to_tensor(whitening)).numpy()
+    else:   # the eager CPU path on [P, B, d], positions split over two threads in slices of 2
+        distances = mahalanobis_host(np.ascontiguousarray(test.transpose(2, 0, 1)), mean, whitening,
+                                     threads=2, chunk_positions=2)
     expected = np.array([[scipy_mahalanobis(test[i, :, p].astype(np.float64), ref_mean[p], np.linalg.inv(ref_cov[p]))
                           for p in range(9)] for i in range(5)])
     np.testing.assert_allclose(distances, expected, rtol=1e-4)
+
+
+def test_fit_in_threads_equals_reference():
+    """Two threads over slices of 3 positions (the last one shorter)."""
+    features = correlated_features(n=23, d=7, positions=10, seed=6)
+    gaussian = GaussianFit(chunk_bytes=3 * 4 * 7 * 7, threads=2)
+    for start in range(0, 23, 4):
+        gaussian.update(paddle.to_tensor(features[start:start + 4]))
+    mean, whitening = gaussian.finalize(0.01)
+    ref_mean, ref_cov = reference_gaussian(features)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_names_the_position_of_non_finite_embeddings_or_a_singular_covariance():
+    features = correlated_features(n=5, d=4, positions=6, seed=7)
+    features[2, 1, 4] = np.nan
+    with pytest.raises(ValueError, match="position 4 are not finite"):
+        GaussianFit(threads=2, chunk_bytes=4 * 4 * 4).update(paddle.to_tensor(features)).finalize(0.01)
+    features = correlated_features(n=5, d=4, positions=6, seed=7)
+    features[:, :, 3] = 1.0     # no variance at position 3: with eps < 0 its covariance is not positive definite
+    with pytest.raises(np.linalg.LinAlgError, match="position 3 is not positive definite"):
+        GaussianFit().update(paddle.to_tensor(features)).finalize(-1e-3)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16, 50])
@@ -106,6 +134,9 @@ def test_embedding_equals_interpolate_concat_index_select(sizes):
     embedding = Embedding([4, 6, 5], idx)
     ours = embedding.to_idx_order(embedding(features)).numpy()
     np.testing.assert_array_equal(ours, expected)
+    # the [P, B, d] layout of the scoring path holds the same numbers, grouped order in the last axis
+    positions_first = embedding(features, positions_first=True).numpy()
+    np.testing.assert_array_equal(positions_first[:, :, embedding.order].transpose(1, 2, 0), expected)
 
 
 class TinyBackbone(paddle.nn.Layer):
@@ -121,7 +152,8 @@ class TinyBackbone(paddle.nn.Layer):
         return [first, self.conv2(first)]
 
 
-def test_padim_forward_is_embedding_distance_upsample_blur_max():
+@pytest.mark.parametrize("scoring", ["numpy_threads", "paddle_ops"])
+def test_padim_forward_is_embedding_distance_upsample_blur_max(scoring):
     paddle.seed(0)
     backbone = TinyBackbone()
     idx = channel_indices(7, 5, seed=1)
@@ -130,6 +162,8 @@ def test_padim_forward_is_embedding_distance_upsample_blur_max():
     train = embedding.to_idx_order(embedding(backbone(images))).numpy()
     mean, whitening = fit(train, batch_size=4)
     model = PaDiM(backbone, idx, mean, whitening, (32, 32), (8, 8))
+    if scoring == "paddle_ops":   # the path of GPUs and exported graphs
+        model._host_gaussian = None
     test = images[:2] * 1.5
     anomaly_map, score = model(test)
     emb = embedding.to_idx_order(embedding(backbone(test))).numpy().astype(np.float64)

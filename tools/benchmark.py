@@ -418,17 +418,18 @@ def vectorised_fit(train: np.ndarray, batch_size: int = BATCH, eps: float = 0.01
     return gaussian.finalize(eps)
 
 
-def vectorised_score(test: np.ndarray, mean, whitening, batch_size: int = BATCH) -> np.ndarray:
-    """models.padim.mahalanobis per batch, mean/whitening already on the device -> [M, P]."""
-    import paddle
+def vectorised_score(test: list, mean, whitening) -> np.ndarray:
+    """The eager CPU scoring of PaDiM.distances (models.padim.mahalanobis_host) per batch of
+    [P, B, d] embeddings, the layout PaDiM.forward produces them in -> [M, P]."""
+    from models.padim import mahalanobis_host
 
-    from models.padim import mahalanobis
+    return np.concatenate([mahalanobis_host(batch, mean, whitening) for batch in test])
 
-    parts = []
-    with paddle.no_grad():
-        for start in range(0, len(test), batch_size):
-            parts.append(mahalanobis(paddle.to_tensor(test[start:start + batch_size]), mean, whitening).numpy())
-    return np.concatenate(parts)
+
+def positions_first_batches(embeddings: np.ndarray, batch_size: int = BATCH) -> list:
+    """[N, d, P] -> batches [P, B, d]: the layout the model's forward pass hands to scoring."""
+    return [np.ascontiguousarray(embeddings[start:start + batch_size].transpose(2, 0, 1))
+            for start in range(0, len(embeddings), batch_size)]
 
 
 def spread_positions(total: int, k: int) -> np.ndarray:
@@ -442,16 +443,14 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
     ``loop_positions`` of them), and its time is extrapolated linearly to all positions. The loop
     runs with ``loop_blas_threads`` BLAS threads (1, its fastest: threads only add overhead to
     100x100 matrices; 0 = NumPy's default)."""
-    import paddle
-
     positions_total = train.shape[2]
     tick = time.perf_counter()
     mean, whitening = vectorised_fit(train, batch_size, eps)
     fit_seconds = time.perf_counter() - tick
-    mean_t, whitening_t = paddle.to_tensor(mean), paddle.to_tensor(whitening)
-    vectorised_score(test[:1], mean_t, whitening_t, batch_size)  # warm-up
+    test_batches = positions_first_batches(test, batch_size)
+    vectorised_score(positions_first_batches(test[:1]), mean, whitening)  # warm-up
     tick = time.perf_counter()
-    distances = vectorised_score(test, mean_t, whitening_t, batch_size)
+    distances = vectorised_score(test_batches, mean, whitening)
     score_seconds = time.perf_counter() - tick
 
     limit_blas = blas_threads(loop_blas_threads) if loop_blas_threads else nullcontext()
@@ -583,13 +582,13 @@ def eager_breakdown(model, arrays: np.ndarray, repeats: int = 2, batch: int = BA
             features = model.backbone(x)
             features[-1].numpy()
             t_backbone = time.perf_counter()
-            embeddings = model.embedding(features)
+            embeddings = model.embedding(features, positions_first=True)
             embeddings.numpy()
             t_embed = time.perf_counter()
-            grid = model.distance_grid(embeddings)
-            grid.numpy()
+            distances = model.distances(embeddings)
+            distances.numpy()
             t_distance = time.perf_counter()
-            maps = model.smooth(grid)
+            maps = model.smooth(distances)
             maps.max(axis=[1, 2]).numpy()
             t_smooth = time.perf_counter()
             for key, value in (("backbone", t_backbone - tick), ("embedding", t_embed - t_backbone),
@@ -606,7 +605,7 @@ def embed_dataset(model, dataset, batch_size: int, num_workers: int) -> np.ndarr
     parts = []
     with paddle.no_grad():
         for batch in iterate_batches(dataset, batch_size, num_workers):
-            parts.append(model.embed(paddle.to_tensor(batch.images)).numpy())
+            parts.append(model.embed(paddle.to_tensor(batch.images), positions_first=False).numpy())
     return np.concatenate(parts)
 
 
