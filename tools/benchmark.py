@@ -360,8 +360,8 @@ def run_worker(job: dict) -> dict:
         d = job["d"] or DEFAULT_D[job["backbone"]]
         embedding = Embedding(backbone.channels, channel_indices(int(sum(backbone.channels)), d))
         for batch in iterate_batches(dataset, job["batch_size"], job["num_workers"]):
-            with paddle.no_grad():
-                embedding(backbone(paddle.to_tensor(batch.images))).numpy()
+            with paddle.no_grad():  # what fit_padim computes per batch (eager CPU: done on return)
+                embedding.to_idx_order(embedding(backbone(paddle.to_tensor(batch.images))))
         result.update(seconds=time.perf_counter() - tick, cpu_seconds=cpu_seconds() - cpu0)
     else:
         raise ValueError(f"unknown worker mode {job['mode']!r}")
