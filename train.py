@@ -34,7 +34,7 @@ def build_parser():
                         help="log a line every N batches (0: never)")
     parser.add_argument("--seed", type=int, default=7,
                         help="seeds Python's random (draws the channel indices) and Paddle")
-    add_device_arg(parser)
+    add_device_arg(parser, static_graph=True)
     return parser
 
 
@@ -62,7 +62,7 @@ def main():
         logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
         model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
                                        batch_size=args.batch_size, num_workers=args.num_workers,
-                                       print_freq=args.print_freq)
+                                       print_freq=args.print_freq, static_graph=args.static_graph)
         logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
                     f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
         logger.info("Saving model...")
@@ -73,7 +73,8 @@ def main():
         if args.val:
             from val import evaluate_category
             results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
-                                                  args.num_workers, args.save_picture, logger=logger)
+                                                  args.num_workers, args.save_picture, logger=logger,
+                                                  static_graph=args.static_graph)
         close_file_handlers()
     if args.val and len(categories) > 1:
         from utils.evaluation import markdown_table, summary_rows, write_summary

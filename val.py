@@ -26,12 +26,12 @@ def build_parser():
     parser.add_argument("--print_freq", type=int, default=2, help="accepted for compatibility; unused")
     parser.add_argument("--seed", type=int, default=None,
                         help="accepted for compatibility: the channel indices come from the model file")
-    add_device_arg(parser)
+    add_device_arg(parser, static_graph=True)
     return parser
 
 
 def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
-                      save_picture=True, expected_backbone=None, seed=None, logger=None) -> dict:
+                      save_picture=True, expected_backbone=None, seed=None, logger=None, static_graph=True) -> dict:
     """Score the test split, report the original's lines plus PRO, write the result files."""
     import numpy as np
 
@@ -51,7 +51,7 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     print(f"Testing model for {category}")
     logger.info("Starting eval model...")
     model = build_model(model_file)
-    scored = score_dataset(model, dataset, batch_size, num_workers)
+    scored = score_dataset(model, dataset, batch_size, num_workers, static_graph=static_graph)
     metrics = compute_metrics(scored.maps, scored.scores, scored.masks, scored.labels)
     metrics.update(category=category, backbone=meta["backbone"], model_path=str(model_path),
                    data_path=str(Path(data_root) / category), weights_source=meta["weights_source"])
@@ -101,7 +101,8 @@ def evaluate_all(args, logger_factory=None) -> dict:
     for category in categories:
         model_path = args.model_path or Path(args.save_path) / category / "best.pdparams"
         results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
-                                              args.num_workers, args.save_picture, backbone_name(args), args.seed)
+                                              args.num_workers, args.save_picture, backbone_name(args), args.seed,
+                                              static_graph=args.static_graph)
         close_file_handlers()
     if len(categories) > 1:
         rows = summary_rows(results)

@@ -116,11 +116,14 @@ class GaussianFit:
         self.d_, self.positions_ = d, positions
 
     @paddle.no_grad()
-    def update(self, embeddings: paddle.Tensor) -> "GaussianFit":
+    def update(self, embeddings) -> "GaussianFit":
+        """Add a batch of embeddings [B, d, P] (a Paddle tensor or a NumPy array)."""
         batch, d, positions = embeddings.shape
         if self._sum is not None and (d, positions) != (self.d_, self.positions_):
             raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
-        if paddle.get_device() == "cpu":
+        if isinstance(embeddings, np.ndarray):
+            self._update_host(np.asarray(embeddings, dtype=np.float32))
+        elif paddle.get_device() == "cpu":
             self._update_host(host_array(embeddings))
         else:
             self._update_device(embeddings)

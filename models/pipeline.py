@@ -15,6 +15,7 @@ from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_
 from models.model_file import ModelFile
 from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, Embedding, GaussianFit, PaDiM, channel_indices,
                           mahalanobis_in_chunks, smooth, smoothing_pair)
+from models.static import static_runner_or_none
 
 LOGGER = logging.getLogger("padim")
 # Training images whose embeddings are kept to measure the score range of normal images.
@@ -58,8 +59,9 @@ class FitReport:
 def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagenet", d: int | None = None,
               seed: int = DEFAULT_SEED, eps: float = DEFAULT_EPS, sigma: float = DEFAULT_SIGMA,
               batch_size: int = 32, num_workers: int = 2, print_freq: int = 2,
-              progress: bool = True) -> tuple[ModelFile, FitReport]:
-    """Fit one category's Gaussians; returns the model file contents (not yet written) and timings."""
+              progress: bool = True, static_graph: bool = True) -> tuple[ModelFile, FitReport]:
+    """Fit one category's Gaussians; returns the model file contents (not yet written) and timings.
+    ``static_graph``: on the CPU, extract the features through Paddle Inference (oneDNN)."""
     seed_everything(seed)
     backbone = build_backbone(backbone_name, weights)
     total_channels = int(sum(backbone.channels))
@@ -68,6 +70,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     image_size = dataset.transform.crop_size
     grid = feature_grid_of(backbone, image_size)
     embedding = Embedding(backbone.channels, idx)
+    extract = embedding_extractor(backbone, embedding, image_size, static_graph)
     gaussian = GaussianFit()
     kept = []
     started = time.perf_counter()
@@ -79,14 +82,11 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
                                       desc=f"| feature extraction | train | {dataset.category} |")):
         data_time = time.perf_counter() - data_started
         tick = time.perf_counter()
-        with paddle.no_grad():
-            embeddings = embedding.to_idx_order(embedding(backbone(paddle.to_tensor(batch.images))))
-        if paddle.get_device() != "cpu":
-            paddle.device.synchronize()  # the timings below are then honest (the CPU runs eagerly)
+        embeddings = extract(batch.images)
         tock = time.perf_counter()
         gaussian.update(embeddings)
         if sum(len(k) for k in kept) < STATISTICS_IMAGES:
-            kept.append(embeddings[:STATISTICS_IMAGES - sum(len(k) for k in kept)].numpy())
+            kept.append(np.array(embeddings[:STATISTICS_IMAGES - sum(len(k) for k in kept)]))
         done = time.perf_counter()
         extraction += tock - tick
         gaussian_time += done - tock
@@ -123,6 +123,26 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     arrays = {"idx": idx, "mean": mean, "whitening": whitening}
     report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total)
     return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
+
+
+def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph: bool = True):
+    """images [B, 3, H, W] -> embeddings [B, d, P] in idx order: a NumPy array from a Paddle
+    Inference graph (CPU, ``static_graph``), else an eager Paddle tensor."""
+    def embed(images):
+        return embedding.to_idx_order(embedding(backbone(images)))
+
+    runner = static_runner_or_none([backbone, embedding], embed, (3, *image_size), "backbone", static_graph)
+    if runner is not None:
+        return lambda images: runner(images)[0]
+
+    @paddle.no_grad()
+    def eager(images):
+        embeddings = embed(paddle.to_tensor(images))
+        if paddle.get_device() != "cpu":
+            paddle.device.synchronize()  # the fit's timings are then honest (the CPU runs eagerly)
+        return embeddings
+
+    return eager
 
 
 def training_statistics(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, grid, image_size,
@@ -188,16 +208,38 @@ class ScoredSet:
     samples: list
 
 
+# The Gaussian goes into the static graph's parameters, a second copy while the predictor loads;
+# above this size (WR50-Rd550: 3.8 GB) scoring stays eager.
+STATIC_SCORING_MAX_BYTES = 1 << 30
+
+
+def model_scorer(model: PaDiM, static_graph: bool = True):
+    """images [B, 3, H, W] -> (maps [B, H, W], scores [B]) as NumPy: the whole model through
+    Paddle Inference on the CPU (``static_graph``, Gaussian up to 1 GiB), else eager."""
+    runner = None
+    if static_graph and model.whitening.size * 4 <= STATIC_SCORING_MAX_BYTES:
+        runner = static_runner_or_none([model], model, (3, *model.image_size), "model", static_graph)
+    if runner is not None:
+        return lambda images: tuple(runner(images))
+
+    @paddle.no_grad()
+    def eager(images):
+        anomaly_map, image_score = model(paddle.to_tensor(images))
+        return anomaly_map.numpy(), image_score.numpy()
+
+    return eager
+
+
 def score_dataset(model: PaDiM, dataset: MVTecDataset, batch_size: int = 32, num_workers: int = 2,
-                  progress: bool = True) -> ScoredSet:
+                  progress: bool = True, static_graph: bool = True) -> ScoredSet:
+    score = model_scorer(model, static_graph)
     maps, scores, masks, samples = [], [], [], []
     total = (len(dataset) + batch_size - 1) // batch_size
     for batch in tqdm(iterate_batches(dataset, batch_size, num_workers), total=total, disable=not progress,
                       desc=f"| feature extraction | {dataset.split} | {dataset.category} |"):
-        with paddle.no_grad():
-            anomaly_map, image_score = model(paddle.to_tensor(batch.images))
-        maps.append(anomaly_map.numpy())
-        scores.append(image_score.numpy())
+        anomaly_map, image_score = score(batch.images)
+        maps.append(anomaly_map)
+        scores.append(image_score)
         masks.append(batch.masks)
         samples.extend(batch.samples)
     labels = np.asarray([s.label for s in samples], dtype=np.int64)

@@ -328,8 +328,6 @@ def _limited_train_set(job: dict):
 def run_worker(job: dict) -> dict:
     """One measurement in this (fresh) process: 'fit' = train.py's fit_padim (+ saving the model,
     as train.py does), or 'extract' = the same decode + backbone + embedding pass alone."""
-    import paddle
-
     from models.backbones import set_num_threads
 
     set_num_threads(job["threads"])
@@ -356,12 +354,14 @@ def run_worker(job: dict) -> dict:
         from datasets.mvtec import iterate_batches
         from models.backbones import DEFAULT_D, build_backbone
         from models.padim import Embedding, channel_indices
+        from models.pipeline import embedding_extractor
         backbone = build_backbone(job["backbone"], job["weights"])
         d = job["d"] or DEFAULT_D[job["backbone"]]
         embedding = Embedding(backbone.channels, channel_indices(int(sum(backbone.channels)), d))
+        # what fit_padim does per batch, through the same extractor (Paddle Inference on the CPU)
+        extract = embedding_extractor(backbone, embedding, dataset.transform.crop_size)
         for batch in iterate_batches(dataset, job["batch_size"], job["num_workers"]):
-            with paddle.no_grad():  # what fit_padim computes per batch (eager CPU: done on return)
-                embedding.to_idx_order(embedding(backbone(paddle.to_tensor(batch.images))))
+            extract(batch.images)
         result.update(seconds=time.perf_counter() - tick, cpu_seconds=cpu_seconds() - cpu0)
     else:
         raise ValueError(f"unknown worker mode {job['mode']!r}")
