@@ -29,18 +29,18 @@ def build_parser():
     add_verdict_args(parser, "the one val.py stored in the model file (the training maximum if val.py never ran)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
     parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
-    add_device_arg(parser)
+    add_device_arg(parser, "on the CPU, when there is more than one batch of images: trace the model into a Paddle "
+                           "Inference graph with oneDNN (about half a second, once), then ~5x faster than eager "
+                           "Paddle, same numbers to ~1e-5; False: always eager Paddle")
     return parser
 
 
 def main():
     args = build_parser().parse_args()
-    import paddle
-
     from datasets.mvtec import ImageList, iterate_batches, read_rgb
     from models.backbones import set_num_threads
     from models.model_file import load_model
-    from models.pipeline import build_model, display_range, thresholds_of, use_device
+    from models.pipeline import build_model, display_range, model_scorer, thresholds_of, use_device
     from utils.logger import get_logger
     from utils.visualize import picture_file, report_prediction
 
@@ -69,10 +69,9 @@ def main():
                 f"{image_threshold:.4f} from {source}")
     single = len(images) == 1
     anomalous = 0
+    scorer = model_scorer(model, args.static_graph and len(images) > args.batch_size)
     for batch in iterate_batches(images, args.batch_size, args.num_workers):
-        with paddle.no_grad():
-            maps, scores = model(paddle.to_tensor(batch.images))
-        maps, scores = maps.numpy(), scores.numpy()
+        maps, scores = scorer(batch.images)
         for sample, anomaly_map, score in zip(batch.samples, maps, scores):
             picture = display_image = None
             if args.save_picture:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import (add_backbone_args, add_data_args, add_device_arg, backbone_name, categories_to_run,
-                       new_parser, non_negative_int, positive_int, resolve_data, run_cli, size_arg, str2bool,
-                       weights_choice)
+from utils.cli import (STATIC_GRAPH_HELP, add_backbone_args, add_data_args, add_device_arg, backbone_name,
+                       categories_to_run, new_parser, non_negative_int, positive_int, resolve_data, run_cli,
+                       size_arg, str2bool, weights_choice)
 
 
 def build_parser():
@@ -34,7 +34,7 @@ def build_parser():
                         help="log a line every N batches (0: never)")
     parser.add_argument("--seed", type=int, default=7,
                         help="seeds Python's random (draws the channel indices) and Paddle")
-    add_device_arg(parser, static_graph=True)
+    add_device_arg(parser, STATIC_GRAPH_HELP)
     return parser
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import (UsageError, add_backbone_args, add_data_args, add_device_arg, backbone_name,
+from utils.cli import (STATIC_GRAPH_HELP, UsageError, add_backbone_args, add_data_args, add_device_arg, backbone_name,
                        categories_to_run, new_parser, resolve_data, run_cli, str2bool)
 
 
@@ -26,7 +26,7 @@ def build_parser():
     parser.add_argument("--print_freq", type=int, default=2, help="accepted for compatibility; unused")
     parser.add_argument("--seed", type=int, default=None,
                         help="accepted for compatibility: the channel indices come from the model file")
-    add_device_arg(parser, static_graph=True)
+    add_device_arg(parser, STATIC_GRAPH_HELP)
     return parser
 
 

@@ -190,8 +190,10 @@ def _save_static_graph(model, height: int, width: int, prefix: Path) -> Path:
     import paddle
 
     spec = [paddle.static.InputSpec([-1, 3, height, width], "float32", name=INPUT_NAME)]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    paddle.jit.save(static, str(prefix))
+    from models.static import without_known_glog_warning
+
+    with without_known_glog_warning():
+        paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(prefix))
     for suffix in (PIR_SUFFIX, LEGACY_SUFFIX):
         graph = prefix.with_name(prefix.name + suffix)
         if graph.is_file():

@@ -7,7 +7,10 @@ whole model) on the CPU; GPUs keep eager Paddle (cuDNN is already fast there).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +19,32 @@ import numpy as np
 import paddle
 
 LOGGER = logging.getLogger("padim")
+
+
+# Paddle 3.3.1 logs this through glog (stderr, C++) while tracing any batch-norm layer; it is not
+# about our graph and says nothing a user can act on.
+KNOWN_GLOG_WARNING = "Paddle static graph(PIR) not support input out tensor"
+
+
+@contextlib.contextmanager
+def without_known_glog_warning():
+    """Capture file descriptor 2 (glog writes there, not to sys.stderr) and pass on every line
+    but KNOWN_GLOG_WARNING."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if KNOWN_GLOG_WARNING not in line:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 class _Traced(paddle.nn.Layer):
@@ -48,7 +77,8 @@ class StaticRunner:
         spec = [paddle.static.InputSpec([-1, *[int(v) for v in input_shape]], "float32", name="image")]
         with tempfile.TemporaryDirectory(prefix="padim-static-") as folder:
             prefix = Path(folder) / "graph"
-            paddle.jit.save(paddle.jit.to_static(wrapper, input_spec=spec, full_graph=True), str(prefix))
+            with without_known_glog_warning():
+                paddle.jit.save(paddle.jit.to_static(wrapper, input_spec=spec, full_graph=True), str(prefix))
             graph = next(prefix.parent.glob("graph.json"), None) or next(prefix.parent.glob("graph.pdmodel"))
             config = inference.Config(str(graph), str(prefix.parent / "graph.pdiparams"))
             config.disable_gpu()

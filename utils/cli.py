@@ -119,14 +119,17 @@ def add_verdict_args(parser, stored: str) -> None:
     parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
 
 
-def add_device_arg(parser, static_graph: bool = False) -> None:
+STATIC_GRAPH_HELP = ("on the CPU, run the backbone (and in evaluation the whole model) as a Paddle Inference "
+                     "graph with oneDNN, traced in memory: ~5x faster than eager Paddle, same numbers to ~1e-5; "
+                     "False: eager Paddle, as the original")
+
+
+def add_device_arg(parser, static_graph_help: str | None = None) -> None:
+    """--device, and --static_graph for the scripts that can run the CPU's Paddle Inference path."""
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto: the GPU when Paddle is compiled with CUDA, else the CPU")
-    if static_graph:
-        parser.add_argument("--static_graph", type=str2bool, default=True,
-                            help="on the CPU, run the backbone (and in evaluation the whole model) as a Paddle "
-                                 "Inference graph with oneDNN, traced in memory: ~5x faster than eager Paddle, "
-                                 "same numbers to ~1e-5; False: eager Paddle, as the original")
+    if static_graph_help:
+        parser.add_argument("--static_graph", type=str2bool, default=True, help=static_graph_help)
 
 
 def backbone_name(args) -> str | None:
