@@ -17,6 +17,7 @@ import paddle
 
 from models.backbones import BACKBONES, build_backbone, get_backbone_state
 from models.torch_weights import WeightsError
+from utils.files import give_plain_permissions
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -57,10 +58,7 @@ def save_state_atomically(state: dict, output: str) -> None:
     os.close(fd)
     try:
         paddle.save(state, temp_path)
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_path, 0o666 & ~umask)
+        give_plain_permissions(temp_path)
         os.replace(temp_path, output)
     except BaseException:
         os.unlink(temp_path)

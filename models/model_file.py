@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.files import give_plain_permissions
+
 FORMAT = "padim-paddle-model"
 FORMAT_VERSION = 1
 META_KEY = "__meta__"
@@ -36,6 +38,7 @@ def write_atomically(path, write) -> Path:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        give_plain_permissions(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         if os.path.exists(temp_name):

@@ -21,6 +21,8 @@ from matplotlib import colors as mcolors  # noqa: E402
 from skimage import morphology  # noqa: E402
 from skimage.segmentation import mark_boundaries  # noqa: E402
 
+from utils.files import give_plain_permissions  # noqa: E402
+
 
 def _save(figure, path) -> Path:
     path = Path(path)
@@ -29,6 +31,7 @@ def _save(figure, path) -> Path:
     os.close(handle)
     try:
         figure.savefig(temp_name, dpi=100)
+        give_plain_permissions(temp_name)
         os.replace(temp_name, path)
     finally:
         plt.close(figure)
