@@ -18,11 +18,13 @@ runtime works without it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -186,12 +188,38 @@ def probe_batch(height: int, width: int, n: int = 2, seed: int = 0) -> np.ndarra
     return rng.normal(size=(n, 3, height, width)).astype(np.float32)
 
 
-def _save_static_graph(model, height: int, width: int, prefix: Path) -> Path:
+# Paddle 3.3.1 logs this through glog (stderr, C++) while tracing any batch-norm layer; it is not
+# about our graph and says nothing a user can act on.
+KNOWN_GLOG_WARNING = "Paddle static graph(PIR) not support input out tensor"
+
+
+@contextlib.contextmanager
+def without_known_glog_warning():
+    """Capture file descriptor 2 (glog writes there, not to sys.stderr) and pass on every line
+    but KNOWN_GLOG_WARNING."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if KNOWN_GLOG_WARNING not in line:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def save_static_graph(model, height: int, width: int, prefix: Path) -> Path:
+    """Trace ``model`` (images [N, 3, height, width] -> outputs) and save it as ``prefix``.json
+    (or .pdmodel) + .pdiparams; returns the graph file."""
     import paddle
 
     spec = [paddle.static.InputSpec([-1, 3, height, width], "float32", name=INPUT_NAME)]
-    from models.static import without_known_glog_warning
-
     with without_known_glog_warning():
         paddle.jit.save(paddle.jit.to_static(model, input_spec=spec, full_graph=True), str(prefix))
     for suffix in (PIR_SUFFIX, LEGACY_SUFFIX):
@@ -264,7 +292,7 @@ def export_model(model_path, save_dir, img_size=None, backbone: str | None = Non
         probe = probe_batch(height, width)
         with paddle.no_grad():
             expected_map, expected_score = (t.numpy() for t in model(paddle.to_tensor(probe)))
-        graph = _save_static_graph(model, height, width, work / GRAPH_NAME)
+        graph = save_static_graph(model, height, width, work / GRAPH_NAME)
         params = work / (GRAPH_NAME + PARAMS_SUFFIX)
         logger.info(f"static graph written ({graph.name}, {params.stat().st_size / 2 ** 20:.1f} MiB of parameters)")
         del model
@@ -353,13 +381,14 @@ class PaddleInferenceModel:
     """A Paddle Inference predictor over the exported graph, with zero-copy handles.
 
     ``__call__(images [N,3,H,W] float32) -> (maps [N,H,W], scores [N])``. ``meta`` gives the
-    output names (else the graph's own order is used: map, score).
+    output names (else the graph's own order is used: map, score). ``n_outputs=None`` accepts a
+    graph with any outputs (models/static.py runs the backbone alone through it).
     """
 
     backend = "paddle"
 
     def __init__(self, model_file, params_file=None, settings: InferenceSettings | None = None,
-                 meta: dict | None = None, logger: logging.Logger | None = None):
+                 meta: dict | None = None, logger: logging.Logger | None = None, n_outputs: int | None = 2):
         from paddle import inference
 
         self.logger = logger or LOGGER
@@ -413,8 +442,8 @@ class PaddleInferenceModel:
                 raise DeployError(f"{model_file} has outputs {names}, its metadata says {wanted}: files from "
                                   f"different exports")
             names = wanted
-        if len(names) != 2:
-            raise DeployError(f"{model_file} has {len(names)} outputs, expected 2 (map, score)")
+        if n_outputs is not None and len(names) != n_outputs:
+            raise DeployError(f"{model_file} has {len(names)} outputs, expected {n_outputs} (map, score)")
         self.output_names = names
         self._input = self.predictor.get_input_handle(self.input_name)
         self._outputs = [self.predictor.get_output_handle(name) for name in names]
@@ -457,8 +486,7 @@ class PaddleInferenceModel:
         self._input.reshape(list(images.shape))
         self._input.copy_from_cpu(images)
         self.predictor.run()
-        anomaly_map, image_score = (handle.copy_to_cpu() for handle in self._outputs)
-        return anomaly_map, image_score
+        return tuple(handle.copy_to_cpu() for handle in self._outputs)   # (map, score) for our graphs
 
     def conf_info(self) -> dict:
         """The AutoLog "Conf info" fields, read back from the Config."""

@@ -131,7 +131,7 @@ def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph
     def embed(images):
         return embedding.to_idx_order(embedding(backbone(images)))
 
-    runner = static_runner_or_none([backbone, embedding], embed, (3, *image_size), "backbone", static_graph)
+    runner = static_runner_or_none([backbone, embedding], embed, image_size, "backbone", static_graph)
     if runner is not None:
         return lambda images: runner(images)[0]
 
@@ -218,9 +218,9 @@ def model_scorer(model: PaDiM, static_graph: bool = True):
     Paddle Inference on the CPU (``static_graph``, Gaussian up to 1 GiB), else eager."""
     runner = None
     if static_graph and model.whitening.size * 4 <= STATIC_SCORING_MAX_BYTES:
-        runner = static_runner_or_none([model], model, (3, *model.image_size), "model", static_graph)
+        runner = static_runner_or_none([model], model, model.image_size, "model", static_graph)
     if runner is not None:
-        return lambda images: tuple(runner(images))
+        return runner
 
     @paddle.no_grad()
     def eager(images):

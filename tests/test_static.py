@@ -15,7 +15,7 @@ def test_static_runner_equals_eager_layer():
     layer = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3, padding=1), paddle.nn.ReLU())
     layer.eval()
     images = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
-    runner = StaticRunner([layer], layer, (3, 8, 8))
+    runner = StaticRunner([layer], layer, (8, 8))
     with paddle.no_grad():
         expected = layer(paddle.to_tensor(images)).numpy()
     (ours,) = runner(images)

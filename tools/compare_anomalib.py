@@ -69,7 +69,7 @@ def build_model(torch, PadimModel, seed: int = 0):
     return PadimModel(backbone="resnet18", layers=["layer1", "layer2", "layer3"], pre_trained=False, n_features=100)
 
 
-def datasets(args):
+def train_and_test_sets(args):
     train = MVTecDataset(args.data_path, args.category, "train", 256, 224)
     test = MVTecDataset(args.data_path, args.category, "test", 256, 224)
     return train, test
@@ -80,7 +80,7 @@ def fit_worker(args, repeat: int) -> dict:
     bank), then fit(); timed with decoding, as train.py is."""
     torch, PadimModel = import_anomalib()
     torch.set_num_threads(args.threads)
-    train, _ = datasets(args)
+    train, _ = train_and_test_sets(args)
     train.samples = train.samples * repeat
     rss_after_import = peak_rss_bytes()
     tick = time.perf_counter()
@@ -112,7 +112,7 @@ def spawn(args, repeat: int) -> dict:
 def measure_in_process(args) -> dict:
     torch, PadimModel = import_anomalib()
     torch.set_num_threads(args.threads)
-    train, test = datasets(args)
+    train, test = train_and_test_sets(args)
     model = build_model(torch, PadimModel)
     model.train()
     with torch.no_grad():
