@@ -706,6 +706,9 @@ def apply_quick(args) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    from utils.memory import keep_large_buffers
+
+    malloc_tuned = keep_large_buffers()   # as the scripts do (utils.cli.run_cli)
     if args.worker:
         result = run_worker(json.loads(args.worker))
         print(RESULT_TAG + json.dumps(result), flush=True)
@@ -737,6 +740,7 @@ def main(argv=None) -> dict:
     if args.max_test:
         test_set.samples = test_set.samples[:args.max_test]
     info = machine_info(threads)
+    info["malloc_large_buffers_kept"] = bool(malloc_tuned)
     config = {"data_root": str(data_root), "category": category, "backbone": args.backbone,
               "weights": args.pretrained_backbone, "d": d, "resize": args.resize, "crop_size": list(image_size),
               "batch_size": BATCH, "num_workers": args.num_workers, "n_train": len(train_set),
@@ -916,6 +920,7 @@ def main(argv=None) -> dict:
     print(f"machine: {info['cpu']}; {info['cpus_available']} CPUs; {threads} threads; Paddle {info['paddle']}; "
           f"oneDNN compiled {info['paddle_onednn_compiled']}"
           + (f", on in the static predictor {results['static']['onednn_enabled']}" if "static" in results else "")
+          + f"; glibc keeps large freed buffers (utils/memory.py): {info['malloc_large_buffers_kept']}"
           + (f"; load average {info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end"
              if info["load_average_start"] else ""))
     print(f"data: {category}, {len(train_set)} train / {len(test_set)} test images; {args.backbone} "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from datasets.mvtec import DataError, parse_size
 from models.model_file import ModelFileError
+from utils.memory import keep_large_buffers
 
 EXIT_USER_ERROR = 2
 # The original's defaults, kept so its commands still mean the same thing.
@@ -172,7 +173,9 @@ def categories_to_run(root: Path, category: str) -> list[str]:
 
 
 def run_cli(main) -> None:
-    """Run ``main()``; user errors become one line on stderr and exit code 2."""
+    """Run ``main()``; user errors become one line on stderr and exit code 2. glibc keeps freed
+    large buffers for reuse (utils/memory.py: the batches no longer page-fault their tensors)."""
+    keep_large_buffers()
     try:
         main()
     except user_errors() as exc:
