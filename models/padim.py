@@ -17,6 +17,8 @@ import paddle.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
+from models.native import gaussian_kernels
+
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
 DEFAULT_SIGMA = 4.0
@@ -100,11 +102,23 @@ class GaussianFit:
         self._shift = None          # [P, d] float32
         self._sum = None            # [P, d] float64
         self._gram = None           # [P, d, d] float32
-        self._chunks = None         # list of (start, stop) position slices
+        self._chunks = None         # list of (start, stop) position slices (blocks with the kernels)
+        self._kernels = None        # models.native's compiled kernels, when the fit runs on the host
 
-    def _start(self, first: np.ndarray):
+    def _start(self, first: np.ndarray, on_host: bool = False):
         """``first``: the first batch as [B, d, P] float32."""
         _, d, positions = first.shape
+        self.d_, self.positions_ = d, positions
+        self._kernels = gaussian_kernels() if on_host else None
+        if self._kernels is not None:
+            # models/native/gaussian.c: positions as vector lanes, the Gram lower triangles packed
+            # in blocks of lanes inside an array the size of the whitening it becomes
+            blocks = self._kernels.blocks(positions)
+            self._shift = np.ascontiguousarray(first.mean(axis=0, dtype=np.float64), dtype=np.float32)   # [d, P]
+            self._sum = np.zeros((blocks, d, self._kernels.lanes), dtype=np.float64)
+            self._gram = np.zeros((blocks * self._kernels.lanes, d, d), dtype=np.float32)
+            self._chunks = _even_slices(blocks, 4 * self.threads)
+            return
         step = max(1, min(64, self.chunk_bytes // (d * d * 4)))
         self._chunks = [(s, min(s + step, positions)) for s in range(0, positions, step)]
         # the factorisations work in float64 on smaller slices that stay in cache
@@ -113,7 +127,6 @@ class GaussianFit:
         self._shift = np.ascontiguousarray(first.mean(axis=0, dtype=np.float64).T, dtype=np.float32)
         self._sum = np.zeros((positions, d), dtype=np.float64)
         self._gram = np.zeros((positions, d, d), dtype=np.float32)
-        self.d_, self.positions_ = d, positions
 
     @paddle.no_grad()
     def update(self, embeddings) -> "GaussianFit":
@@ -145,7 +158,12 @@ class GaussianFit:
         matrices. (Gathering several batches first would mean fewer passes over the sums, but the
         held batches keep Paddle's allocator from reusing their memory: peak RSS grew with N.)"""
         if self._sum is None:
-            self._start(x)
+            self._start(x, on_host=True)
+        if self._kernels is not None:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            run_over_chunks(lambda b0, b1: self._kernels.gram_update(x, self._shift, self._gram, self._sum, b0, b1),
+                            self._chunks, self.threads)
+            return
 
         def work(start, stop):
             # a contiguous copy of the slice first: transposing it is then cache-friendly
@@ -166,6 +184,8 @@ class GaussianFit:
         if self.n_ < 2:
             raise ValueError(f"need at least 2 training images to fit a covariance, got {self.n_}")
         n, d = self.n_, self.d_
+        if self._kernels is not None:
+            return self._finalize_native(eps)
         centred_mean = self._sum / n                                      # [P, d] float64
         gram, self._gram = self._gram, None
         on_device = paddle.get_device() != "cpu"
@@ -185,6 +205,32 @@ class GaussianFit:
         run_over_chunks(work, self._finalize_chunks, 1 if on_device else self.threads)
         mean = self._shift.astype(np.float64) + centred_mean
         return mean.astype(np.float32), gram
+
+    def _finalize_native(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        n, d, positions = self.n_, self.d_, self.positions_
+        gram, self._gram = self._gram, None
+        failures = []
+
+        def work(block0, block1):
+            bad, nonfinite = self._kernels.whitening(gram, self._sum, n, d, positions, eps, block0, block1)
+            if bad >= 0:
+                failures.append((bad, nonfinite))
+
+        run_over_chunks(work, self._chunks, self.threads)
+        if failures:
+            bad, nonfinite = min(failures)
+            if nonfinite:
+                raise ValueError(f"the embeddings at feature position {bad} are not finite (NaN or inf): check the "
+                                 "backbone weights and the input images")
+            raise np.linalg.LinAlgError(f"covariance at position {bad} is not positive definite")
+        centred_mean = self._sum.transpose(0, 2, 1).reshape(-1, d)[:positions] / n       # [P, d] float64
+        mean = self._shift.T.astype(np.float64) + centred_mean
+        return mean.astype(np.float32), gram[:positions]
+
+
+def _even_slices(total: int, parts: int) -> list:
+    bounds = np.linspace(0, total, max(1, min(parts, total)) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def host_array(tensor: paddle.Tensor) -> np.ndarray:

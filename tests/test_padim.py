@@ -12,6 +12,18 @@ from models.padim import (Embedding, GaussianFit, PaDiM, channel_indices, covari
                           mahalanobis, mahalanobis_host, smoothing_matrix)
 
 
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def gaussian_path(request, monkeypatch):
+    """Every test runs with the compiled Gaussian kernels (models/native) and with the NumPy path."""
+    from models.native import gaussian_kernels, kernel_status
+
+    if request.param == "numpy":
+        monkeypatch.setattr("models.padim.gaussian_kernels", lambda: None)
+    elif gaussian_kernels() is None:
+        pytest.skip(kernel_status())
+    return request.param
+
+
 def correlated_features(n, d, positions, seed=0):
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(positions, d, d)) / np.sqrt(d)

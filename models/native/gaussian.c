@@ -1,0 +1,235 @@
+/* PaDiM's Gaussian fit on the CPU, vectorised across feature positions.
+ *
+ * Every position has its own small d x d problem (a Gram matrix, a Cholesky factorisation, a
+ * triangular inverse). BLAS and LAPACK take them one at a time, where call overhead and the
+ * short inner loops dominate; here the 16 positions of a block are the 16 lanes of one vector,
+ * so every scalar step of the textbook algorithms is one full-width vector operation.
+ *
+ * Layouts (float32 unless said otherwise; P positions in blocks of LANES, the last one padded):
+ *   x       [B][d][P]        one batch of embeddings, positions contiguous (the fit's layout)
+ *   shift   [d][P]           subtracted from x before the products (keeps float32 accurate)
+ *   gram    [blocks][d][d][LANES] bytes; while fitting, the first half of each block holds the
+ *           lower triangle of sum over images of (x - shift)(x - shift)^T, packed by rows
+ *           (PACKED): half the memory traffic of a square per batch
+ *   sums    [blocks][d][LANES]      float64, sum over images of (x - shift)
+ * padim_whitening then overwrites each gram block with its LANES whitening matrices as
+ * [LANES][d][d] row-major (the same bytes), i.e. the array becomes [blocks * LANES][d][d].
+ *
+ * Compiled at first use by models/native.py (cc -O3 -march=native); a NumPy path does the same
+ * work where no compiler is available. Built with -fno-math-errno, never -ffast-math: the NaN
+ * checks below must survive.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define TILE 4
+/* offset of entry (i, j), j <= i, of a lower triangle packed by rows, LANES per entry */
+#define PACKED(i, j) ((((i) * ((i) + 1)) / 2 + (j)) * LANES)
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef double vd __attribute__((vector_size(LANES * sizeof(double)), aligned(8)));
+
+static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vd load_d(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_d(double *p, vd v) { memcpy(p, &v, sizeof v); }
+
+int padim_lanes(void) { return LANES; }
+
+/* 4x4 tile of Gram lanes: g[i0+r][j0+c] += sum_b xc[b][i0+r] * xc[b][j0+c] (packed lower
+ * triangle). On a diagonal tile (i0 == j0) only c <= r exists. */
+static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0)
+{
+    const int diagonal = i0 == j0;
+    vf acc[TILE][TILE];
+    for (int r = 0; r < TILE; r++)
+        for (int c = 0; c < TILE; c++)
+            acc[r][c] = diagonal && c > r ? (vf){0} : load_f(g + PACKED(i0 + r, j0 + c));
+    for (int64_t b = 0; b < batch; b++) {
+        const float *row = xc + b * d * LANES;
+        vf xi[TILE], xj[TILE];
+        for (int r = 0; r < TILE; r++) xi[r] = load_f(row + (i0 + r) * LANES);
+        for (int c = 0; c < TILE; c++) xj[c] = load_f(row + (j0 + c) * LANES);
+        for (int r = 0; r < TILE; r++)
+            for (int c = 0; c < TILE; c++)
+                acc[r][c] += xi[r] * xj[c];
+    }
+    for (int r = 0; r < TILE; r++)
+        for (int c = 0; c < TILE; c++)
+            if (!(diagonal && c > r)) store_f(g + PACKED(i0 + r, j0 + c), acc[r][c]);
+}
+
+/* Edge tiles (d not a multiple of TILE): same sums, lower triangle only. */
+static void gram_edge(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0)
+{
+    for (int64_t i = i0; i < i0 + TILE && i < d; i++)
+        for (int64_t j = j0; j < j0 + TILE && j <= i; j++) {
+            vf acc = load_f(g + PACKED(i, j));
+            for (int64_t b = 0; b < batch; b++)
+                acc += load_f(xc + (b * d + i) * LANES) * load_f(xc + (b * d + j) * LANES);
+            store_f(g + PACKED(i, j), acc);
+        }
+}
+
+/* Add one batch to blocks [block0, block1). Returns 0, or -1 if the scratch could not be allocated. */
+int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
+                      float *gram, double *sums, int64_t block0, int64_t block1)
+{
+    float *xc = aligned_alloc(64, (size_t)(batch * d * LANES * sizeof(float) + 64));
+    if (!xc) return -1;
+    for (int64_t block = block0; block < block1; block++) {
+        const int64_t p0 = block * LANES;
+        const int64_t lanes = positions - p0 < LANES ? positions - p0 : LANES;
+        double *s = sums + block * d * LANES;
+        for (int64_t i = 0; i < d; i++) {
+            const float *sh = shift + i * positions + p0;
+            vf total = {0};
+            for (int64_t b = 0; b < batch; b++) {
+                const float *src = x + (b * d + i) * positions + p0;
+                /* the next block's 64 bytes of this row: fetched now, used after this block's tiles */
+                if (block + 1 < block1) __builtin_prefetch(src + LANES);
+                vf v;
+                for (int64_t l = 0; l < LANES; l++) v[l] = l < lanes ? src[l] - sh[l] : 0.0f;
+                store_f(xc + (b * d + i) * LANES, v);
+                total += v;
+            }
+            store_d(s + i * LANES, load_d(s + i * LANES) + __builtin_convertvector(total, vd));
+        }
+        float *g = gram + block * d * d * LANES;
+        for (int64_t i0 = 0; i0 < d; i0 += TILE)
+            for (int64_t j0 = 0; j0 <= i0; j0 += TILE) {
+                if (i0 + TILE <= d && j0 + TILE <= d) gram_tile(g, xc, batch, d, i0, j0);
+                else gram_edge(g, xc, batch, d, i0, j0);
+            }
+    }
+    free(xc);
+    return 0;
+}
+
+/* Blocks [block0, block1): covariance (float64) = (G - n m m^T) / (n - 1) + eps I with
+ * m = sums / n, its Cholesky factor L, X = L^-1 (both in place, lower triangle packed by rows:
+ * 16 lanes of a 100 x 100 problem then take 646 KB, which stays in a core's L2 cache), and
+ * W = X^T written over the block as [LANES][d][d] float32. Returns -1 when every position was
+ * positive definite and finite, else the first offending position (-2: no scratch memory);
+ * *nonfinite is set to 1 when that position's statistics are NaN or infinite. */
+int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, int64_t positions, double eps,
+                        int64_t block0, int64_t block1, int32_t *nonfinite)
+{
+    double *a = aligned_alloc(64, (size_t)((d * (d + 1) / 2) * LANES * sizeof(double) + 64));
+    double *inv_diag = aligned_alloc(64, (size_t)(d * LANES * sizeof(double) + 64));
+    if (!a || !inv_diag) { free(a); free(inv_diag); return -2; }
+    int64_t bad = -1;
+    *nonfinite = 0;
+    for (int64_t block = block0; block < block1 && bad < 0; block++) {
+        const int64_t p0 = block * LANES;
+        const int64_t lanes = positions - p0 < LANES ? positions - p0 : LANES;
+        float *g = gram + block * d * d * LANES;
+        const double *s = sums + block * d * LANES;
+        /* covariance, lower triangle */
+        for (int64_t i = 0; i < d; i++) {
+            vd mi = load_d(s + i * LANES) / (double)n;
+            for (int64_t j = 0; j <= i; j++) {
+                vd mj = load_d(s + j * LANES) / (double)n;
+                vd gij = __builtin_convertvector(load_f(g + PACKED(i, j)), vd);
+                vd cov = (gij - (double)n * mi * mj) / (double)(n - 1);
+                if (i == j) cov += eps;
+                store_d(a + PACKED(i, j), cov);
+            }
+        }
+        /* non-finite embeddings make their diagonal entry NaN or infinite */
+        for (int64_t i = 0; i < d && bad < 0; i++) {
+            vd v = load_d(a + PACKED(i, i));
+            for (int l = 0; l < lanes; l++)
+                if (!isfinite(v[l])) { bad = p0 + l; *nonfinite = 1; break; }
+        }
+        if (bad >= 0) break;
+        /* Cholesky, column by column (dot-product form); four rows share each load of row j */
+        for (int64_t j = 0; j < d && bad < 0; j++) {
+            const double *row_j = a + PACKED(j, 0);
+            vd diag = load_d(a + PACKED(j, j));
+            for (int64_t k = 0; k < j; k++) {
+                vd ljk = load_d(row_j + k * LANES);
+                diag -= ljk * ljk;
+            }
+            for (int l = 0; l < lanes; l++)
+                if (!(diag[l] > 0.0)) { bad = p0 + l; break; }
+            if (bad >= 0) break;
+            for (int l = lanes; l < LANES; l++) diag[l] = 1.0;   /* padding lanes */
+            vd root;
+            for (int l = 0; l < LANES; l++) root[l] = sqrt(diag[l]);
+            const vd inv = 1.0 / root;
+            store_d(a + PACKED(j, j), root);
+            store_d(inv_diag + j * LANES, inv);
+            int64_t i = j + 1;
+            for (; i + 4 <= d; i += 4) {
+                const double *r0 = a + PACKED(i, 0), *r1 = a + PACKED(i + 1, 0);
+                const double *r2 = a + PACKED(i + 2, 0), *r3 = a + PACKED(i + 3, 0);
+                vd t0 = load_d(r0 + j * LANES), t1 = load_d(r1 + j * LANES);
+                vd t2 = load_d(r2 + j * LANES), t3 = load_d(r3 + j * LANES);
+                for (int64_t k = 0; k < j; k++) {
+                    const vd ljk = load_d(row_j + k * LANES);
+                    t0 -= load_d(r0 + k * LANES) * ljk;
+                    t1 -= load_d(r1 + k * LANES) * ljk;
+                    t2 -= load_d(r2 + k * LANES) * ljk;
+                    t3 -= load_d(r3 + k * LANES) * ljk;
+                }
+                store_d(a + PACKED(i, j), t0 * inv);
+                store_d(a + PACKED(i + 1, j), t1 * inv);
+                store_d(a + PACKED(i + 2, j), t2 * inv);
+                store_d(a + PACKED(i + 3, j), t3 * inv);
+            }
+            for (; i < d; i++) {
+                const double *ri = a + PACKED(i, 0);
+                vd t = load_d(ri + j * LANES);
+                for (int64_t k = 0; k < j; k++) t -= load_d(ri + k * LANES) * load_d(row_j + k * LANES);
+                store_d(a + PACKED(i, j), t * inv);
+            }
+        }
+        if (bad >= 0) break;
+        /* X = L^-1 in place, row by row: X[i][j] = -X[i][i] sum_{k=j}^{i-1} L[i][k] X[k][j] (rows
+         * k < i are X already; row i is still L from column j on). Four columns share each
+         * load of L[i][k]. */
+        for (int64_t i = 0; i < d; i++) {
+            double *ri = a + PACKED(i, 0);
+            const vd xii = load_d(inv_diag + i * LANES);
+            int64_t j0 = 0;
+            for (; j0 + 4 <= i; j0 += 4) {
+                vd t[4] = {{0}, {0}, {0}, {0}};
+                for (int64_t k = j0; k < j0 + 4; k++) {        /* X[k][j] = 0 for j > k */
+                    const double *rk = a + PACKED(k, 0);
+                    const vd lik = load_d(ri + k * LANES);
+                    for (int64_t c = 0; j0 + c <= k; c++) t[c] += lik * load_d(rk + (j0 + c) * LANES);
+                }
+                for (int64_t k = j0 + 4; k < i; k++) {
+                    const double *rk = a + PACKED(k, j0);
+                    const vd lik = load_d(ri + k * LANES);
+                    t[0] += lik * load_d(rk);
+                    t[1] += lik * load_d(rk + LANES);
+                    t[2] += lik * load_d(rk + 2 * LANES);
+                    t[3] += lik * load_d(rk + 3 * LANES);
+                }
+                for (int c = 0; c < 4; c++) store_d(ri + (j0 + c) * LANES, -t[c] * xii);
+            }
+            for (int64_t j = j0; j < i; j++) {
+                vd t = {0};
+                for (int64_t k = j; k < i; k++) t += load_d(ri + k * LANES) * load_d(a + PACKED(k, j));
+                store_d(ri + j * LANES, -t * xii);
+            }
+            store_d(ri + i * LANES, xii);
+        }
+        /* W = X^T: W[r][c] = X[c][r] for c >= r, else 0; written over this block's bytes */
+        for (int64_t l = 0; l < LANES; l++) {
+            float *w = g + l * d * d;
+            for (int64_t r = 0; r < d; r++) {
+                for (int64_t c = 0; c < r; c++) w[r * d + c] = 0.0f;
+                for (int64_t c = r; c < d; c++) w[r * d + c] = (float)a[PACKED(c, r) + l];
+            }
+        }
+    }
+    free(a);
+    free(inv_diag);
+    return bad;
+}

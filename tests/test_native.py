@@ -1,0 +1,67 @@
+"""models/native: the compiled Gaussian kernels are built once into the cache, reused, checked,
+and absent (None, with the reason) where they cannot be built."""
+import numpy as np
+import pytest
+
+import models.native as native
+
+
+def needs_compiler():
+    if native.find_compiler() is None:
+        pytest.skip("no C compiler on this machine")
+
+
+def test_builds_once_into_the_cache_then_reuses_the_library(tmp_path):
+    needs_compiler()
+    first = native.load_kernels(directory=tmp_path)
+    built = first.path.stat().st_mtime_ns
+    second = native.load_kernels(directory=tmp_path)
+    assert second.path == first.path and second.path.parent == tmp_path
+    assert second.path.stat().st_mtime_ns == built          # not compiled again
+    assert not list(tmp_path.glob("*.tmp"))                 # no half-written files left
+
+
+def test_kernels_equal_a_float64_reference_across_block_edges(tmp_path):
+    """37 positions (two full blocks of 16 and a partial one), d = 10 (not a multiple of the
+    4x4 tiles), batches of 1 and 5 images."""
+    needs_compiler()
+    kernels = native.load_kernels(directory=tmp_path)
+    rng = np.random.default_rng(4)
+    n, d, positions = 23, 10, 37
+    x = (rng.normal(size=(n, positions, d)) @ rng.normal(size=(d, d)) + 5).astype(np.float32).transpose(0, 2, 1).copy()
+    shift = np.ascontiguousarray(x[:5].mean(axis=0))
+    blocks = kernels.blocks(positions)
+    gram = np.zeros((blocks * kernels.lanes, d, d), dtype=np.float32)
+    sums = np.zeros((blocks, d, kernels.lanes))
+    for start, stop in [(0, 1), (1, 6), (6, 11), (11, 16), (16, 21), (21, 23)]:
+        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 0, 1)
+        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 1, blocks)
+    assert kernels.whitening(gram, sums, n, d, positions, 0.01, 0, blocks) == (-1, False)
+    whitening = gram[:positions].astype(np.float64)
+    assert np.allclose(np.tril(whitening, -1), 0)           # upper triangular: L^-T
+    samples = x.astype(np.float64).transpose(2, 0, 1)
+    covariance = np.stack([np.cov(s, rowvar=False) + 0.01 * np.eye(d) for s in samples])
+    np.testing.assert_allclose(np.linalg.inv(whitening @ whitening.transpose(0, 2, 1)), covariance, rtol=1e-4, atol=1e-4)
+    mean = shift.T + sums.transpose(0, 2, 1).reshape(-1, d)[:positions] / n
+    np.testing.assert_allclose(mean, samples.mean(axis=1), rtol=1e-5, atol=1e-4)
+
+
+def test_no_compiler_is_a_clear_error(tmp_path):
+    with pytest.raises(native.KernelError, match="failed|No such file|not found"):
+        native.load_kernels(compiler=str(tmp_path / "no-such-cc"), directory=tmp_path)
+
+
+def test_a_failing_compiler_is_reported_and_leaves_no_file(tmp_path):
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'broken toolchain' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    with pytest.raises(native.KernelError, match="broken toolchain"):
+        native.load_kernels(compiler=str(compiler), directory=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*"))
+
+
+def test_padim_native_0_switches_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("PADIM_NATIVE", "0")
+    assert native.gaussian_kernels() is None
+    assert "PADIM_NATIVE=0" in native.kernel_status()
