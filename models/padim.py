@@ -337,17 +337,25 @@ def mahalanobis_positions_first(embeddings: paddle.Tensor, mean: paddle.Tensor,
 
 def mahalanobis_host(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray,
                      threads: int | None = None, chunk_positions: int = 64) -> np.ndarray:
-    """``mahalanobis_positions_first`` in NumPy for the CPU: [P, B, d] float32 -> [B, P]
-    float32, the positions split over threads. Same arithmetic; Paddle's eager batched
-    matmul is several times slower on the CPU for these many small products."""
+    """``mahalanobis_positions_first`` on the host for the CPU: [P, B, d] float32 -> [B, P]
+    float32, the positions split over threads: models/native's kernel, else NumPy's batched
+    matmul. Paddle's eager batched matmul is several
+    times slower on the CPU for these many small products."""
     positions, batch, _ = embeddings.shape
+    chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
+    kernels = gaussian_kernels()
+    if kernels is not None:
+        embeddings, mean, whitening = (np.ascontiguousarray(a, dtype=np.float32) for a in (embeddings, mean, whitening))
+        out = np.empty((batch, positions), dtype=np.float32)
+        run_over_chunks(lambda start, stop: kernels.mahalanobis(embeddings, mean, whitening, out, start, stop),
+                        chunks, threads or available_cpus())
+        return out
     distances = np.empty((positions, batch), dtype=np.float32)
 
     def work(start, stop):
         whitened = np.matmul(embeddings[start:stop] - mean[start:stop, None, :], whitening[start:stop])
         np.sqrt(np.einsum("pbd,pbd->pb", whitened, whitened), out=distances[start:stop])
 
-    chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
     run_over_chunks(work, chunks, threads or available_cpus())
     return np.ascontiguousarray(distances.T)
 

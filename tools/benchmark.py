@@ -449,7 +449,12 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
     ``loop_positions`` of them), and its time is extrapolated linearly to all positions. The loop
     runs with ``loop_blas_threads`` BLAS threads (1, its fastest: threads only add overhead to
     100x100 matrices; 0 = NumPy's default)."""
+    from models.native import gaussian_kernels, kernel_status
+
     positions_total = train.shape[2]
+    tick = time.perf_counter()
+    gaussian_kernels()   # built once per machine, loaded once per process: not part of a fit
+    kernel_seconds = time.perf_counter() - tick
     train_batches = tensor_batches(train, batch_size)
     tick = time.perf_counter()
     mean, whitening = vectorised_fit(train_batches, batch_size, eps)
@@ -471,6 +476,8 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
     vectorised_seconds = fit_seconds + score_seconds
     loop_total = loop_fit_seconds + loop_score_seconds
     return {
+        "kernels": kernel_status(), "kernel_load_seconds": kernel_seconds,
+        "traffic_bytes": streaming_traffic(train.shape[0], test.shape[0], train.shape[1], positions_total, batch_size),
         "n_train": int(train.shape[0]), "n_test": int(test.shape[0]), "d": int(train.shape[1]),
         "positions": int(positions_total), "loop_positions_measured": int(len(positions)),
         "extrapolated": bool(len(positions) < positions_total),
@@ -486,6 +493,34 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
         "max_relative_difference": max_relative_difference(distances[:, positions], reference),
         "mean_max_relative_difference": max_relative_difference(mean.T, loop_mean),
     }
+
+
+def streaming_traffic(n_train: int, n_test: int, d: int, positions: int, batch_size: int = BATCH) -> int:
+    """Bytes the streaming Gaussian stage must move through memory at least: per training batch
+    its embeddings read and the packed Gram triangles read and written; finalize reads them and
+    writes the [P, d, d] whitening; each test batch reads its embeddings and the whole whitening."""
+    triangle, square = positions * d * (d + 1) // 2 * 4, positions * d * d * 4
+    train_batches, test_batches = -(-n_train // batch_size), -(-n_test // batch_size)
+    return int(n_train * d * positions * 4 + train_batches * 2 * triangle + triangle + square
+               + n_test * d * positions * 4 + test_batches * square)
+
+
+def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
+    """Best copy rate in GB/s (bytes read + written) of a ``megabytes`` float32 array, the copy
+    split over ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = np.ones(megabytes << 18, dtype=np.float32)
+    target = np.empty_like(source)
+    bounds = np.linspace(0, source.size, threads + 1).astype(np.int64)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats + 1):
+            tick = time.perf_counter()
+            list(pool.map(lambda k: np.copyto(target[bounds[k]:bounds[k + 1]], source[bounds[k]:bounds[k + 1]]),
+                          range(threads)))
+            best = min(best, time.perf_counter() - tick)
+    return 2 * source.nbytes / best / 1e9
 
 
 def _timed_loop(train, test, eps, loop_seconds, loop_positions):
@@ -847,6 +882,8 @@ def main(argv=None) -> dict:
             gauss = compare_gaussian(train_emb, test_emb, model_eps(model_path), args.loop_seconds,
                                      args.loop_positions, BATCH, args.loop_blas_threads)
             del train_emb, test_emb
+            gauss["memory_gbps"] = memory_bandwidth(threads)
+            gauss["traffic_floor_seconds"] = gauss["traffic_bytes"] / (gauss["memory_gbps"] * 1e9)
             results["gaussian"] = gauss
             note = (f"loop timed on {gauss['loop_positions_measured']}/{gauss['positions']} positions, "
                     f"extrapolated linearly" if gauss["extrapolated"] else "loop on all positions")
@@ -859,6 +896,11 @@ def main(argv=None) -> dict:
                       f"{fmt_ratio(g['fit_speedup'])} ({secs(g['vectorised_fit_seconds'])} vs "
                       f"{secs(g['loop_fit_seconds'])}) / {fmt_ratio(g['score_speedup'])} "
                       f"({secs(g['vectorised_score_seconds'])} vs {secs(g['loop_score_seconds'])})")
+            table.add("gaussian", "  memory floor: bytes the streaming stage moves / copy bandwidth",
+                      f"{g['traffic_bytes'] / 1e9:.2f} GB / {g['memory_gbps']:.1f} GB/s = "
+                      f"{secs(g['traffic_floor_seconds'])}, i.e. at most "
+                      f"{fmt_ratio(g['loop_seconds'] / g['traffic_floor_seconds'])} the loop")
+            table.add("gaussian", "  kernels", f"{g['kernels']} (loaded in {secs(g['kernel_load_seconds'])})")
             table.add("gaussian", "max relative difference of the distances",
                       f"{gauss['max_relative_difference']:.2e}", f"<= {TARGET_GAUSSIAN_RTOL:g}",
                       gauss["max_relative_difference"] <= TARGET_GAUSSIAN_RTOL, key="gaussian_rtol",

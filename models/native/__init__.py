@@ -43,6 +43,9 @@ class GaussianKernels:
         self._whitening = library.padim_whitening
         self._whitening.argtypes = [pointer, pointer, i64, i64, i64, ctypes.c_double, i64, i64, pointer]
         self._whitening.restype = i64
+        self._mahalanobis = library.padim_mahalanobis
+        self._mahalanobis.argtypes = [pointer, pointer, pointer, i64, i64, i64, i64, i64, pointer]
+        self._mahalanobis.restype = ctypes.c_int
 
     def blocks(self, positions: int) -> int:
         return -(-int(positions) // self.lanes)
@@ -65,6 +68,16 @@ class GaussianKernels:
         if bad == -2:
             raise MemoryError("no memory for the factorisation's scratch buffer")
         return int(bad), bool(nonfinite.value)
+
+
+    def mahalanobis(self, embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, out: np.ndarray,
+                    start: int, stop: int) -> None:
+        """Distances of positions [start, stop) into out [B, P]: embeddings [P, B, d], mean
+        [P, d], whitening [P, d, d] upper triangular (float32, C order)."""
+        positions, batch, d = embeddings.shape
+        if self._mahalanobis(embeddings.ctypes.data, mean.ctypes.data, whitening.ctypes.data, batch, d, positions,
+                             start, stop, out.ctypes.data) != 0:
+            raise MemoryError("no memory for the scoring's scratch buffer")
 
 
 def kernel_status() -> str:
@@ -185,3 +198,11 @@ def _self_check(kernels: GaussianKernels) -> None:
     whitening = gram[:positions].astype(np.float64)
     if bad != -1 or not np.allclose(whitening @ whitening.transpose(0, 2, 1), expected, rtol=1e-4, atol=1e-5):
         raise KernelError(f"{kernels.path} failed its check against NumPy")
+    test = np.ascontiguousarray(x[:5].transpose(2, 0, 1))                          # [P, 5, d]
+    mean = np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32)
+    distances = np.empty((5, positions), dtype=np.float32)
+    kernels.mahalanobis(test, mean, np.ascontiguousarray(gram[:positions]), distances, 0, positions)
+    centred = test.astype(np.float64) - mean[:, None, :]
+    expected = np.sqrt(np.einsum("pbi,pij,pbj->bp", centred, np.linalg.inv(np.linalg.inv(expected)), centred))
+    if not np.allclose(distances, expected, rtol=1e-4):
+        raise KernelError(f"{kernels.path} failed its check against NumPy (scoring)")

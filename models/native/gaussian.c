@@ -233,3 +233,65 @@ int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, i
     free(inv_diag);
     return bad;
 }
+
+/* Mahalanobis distances of positions [p0, p1): x [P][B][d] embeddings, mean [P][d], w [P][d][d]
+ * whitening (row-major; a fit gives L^-T, a model permutes its rows into grouped channel order,
+ * so no triangle is assumed), out [B][P]: out[b][p] = || (x[p][b] - mean[p]) w[p] ||. Four
+ * images share each load of a row segment of w.
+ * Returns 0, or -1 if the scratch could not be allocated. */
+int padim_mahalanobis(const float *x, const float *mean, const float *w, int64_t batch, int64_t d,
+                      int64_t positions, int64_t p0, int64_t p1, float *out)
+{
+    enum { ROWS = 8 };
+    const int64_t col_blocks = (d + LANES - 1) / LANES;
+    const int64_t width = col_blocks * LANES;
+    float *wpad = aligned_alloc(64, (size_t)((d * width + ROWS * d) * sizeof(float) + 64));
+    if (!wpad) return -1;
+    float *centred = wpad + d * width;          /* [d][ROWS]: the images of a group side by side */
+    for (int64_t p = p0; p < p1; p++) {
+        const float *wp = w + p * d * d;
+        const float *mu = mean + p * d;
+        /* rows padded to whole vectors, so the last column block needs no masked loads */
+        for (int64_t i = 0; i < d; i++) {
+            memcpy(wpad + i * width, wp + i * d, (size_t)d * sizeof(float));
+            memset(wpad + i * width + d, 0, (size_t)(width - d) * sizeof(float));
+        }
+        for (int64_t b0 = 0; b0 < batch; b0 += ROWS) {
+            const int rows = batch - b0 < ROWS ? (int)(batch - b0) : ROWS;
+            for (int r = 0; r < ROWS; r++)
+                for (int64_t i = 0; i < d; i++)
+                    centred[i * ROWS + r] = r < rows ? x[(p * batch + b0 + r) * d + i] - mu[i] : 0.0f;
+            vf squares[ROWS];
+            for (int r = 0; r < ROWS; r++) squares[r] = (vf){0};
+            int64_t cb = 0;
+            for (; cb + 2 <= col_blocks; cb += 2) {       /* two column blocks: 16 accumulators */
+                vf acc0[ROWS], acc1[ROWS];
+                for (int r = 0; r < ROWS; r++) acc0[r] = acc1[r] = (vf){0};
+                for (int64_t i = 0; i < d; i++) {
+                    const vf w0 = load_f(wpad + i * width + cb * LANES);
+                    const vf w1 = load_f(wpad + i * width + (cb + 1) * LANES);
+                    const float *c = centred + i * ROWS;
+                    for (int r = 0; r < ROWS; r++) { acc0[r] += c[r] * w0; acc1[r] += c[r] * w1; }
+                }
+                for (int r = 0; r < ROWS; r++) squares[r] += acc0[r] * acc0[r] + acc1[r] * acc1[r];
+            }
+            for (; cb < col_blocks; cb++) {
+                vf acc[ROWS];
+                for (int r = 0; r < ROWS; r++) acc[r] = (vf){0};
+                for (int64_t i = 0; i < d; i++) {
+                    const vf w0 = load_f(wpad + i * width + cb * LANES);
+                    const float *c = centred + i * ROWS;
+                    for (int r = 0; r < ROWS; r++) acc[r] += c[r] * w0;
+                }
+                for (int r = 0; r < ROWS; r++) squares[r] += acc[r] * acc[r];
+            }
+            for (int r = 0; r < rows; r++) {
+                double total = 0.0;
+                for (int l = 0; l < LANES; l++) total += squares[r][l];
+                out[(b0 + r) * positions + p] = (float)sqrt(total);
+            }
+        }
+    }
+    free(wpad);
+    return 0;
+}
