@@ -741,13 +741,13 @@ def apply_quick(args) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    from utils.memory import keep_large_buffers
-
-    malloc_tuned = keep_large_buffers()   # as the scripts do (utils.cli.run_cli)
-    if args.worker:
+    if args.worker:   # the fit workers run like train.py, with glibc's malloc defaults
         result = run_worker(json.loads(args.worker))
         print(RESULT_TAG + json.dumps(result), flush=True)
         return result
+    from utils.memory import keep_large_buffers
+
+    malloc_tuned = keep_large_buffers()   # what val.py, predict.py and infer.py do (utils.cli.run_cli)
     if args.quick:
         apply_quick(args)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -962,7 +962,8 @@ def main(argv=None) -> dict:
     print(f"machine: {info['cpu']}; {info['cpus_available']} CPUs; {threads} threads; Paddle {info['paddle']}; "
           f"oneDNN compiled {info['paddle_onednn_compiled']}"
           + (f", on in the static predictor {results['static']['onednn_enabled']}" if "static" in results else "")
-          + f"; glibc keeps large freed buffers (utils/memory.py): {info['malloc_large_buffers_kept']}"
+          + f"; glibc keeps large freed buffers (utils/memory.py) in this process: "
+            f"{info['malloc_large_buffers_kept']}, in the fit workers (as train.py): False"
           + (f"; load average {info['load_average_start'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end"
              if info["load_average_start"] else ""))
     print(f"data: {category}, {len(train_set)} train / {len(test_set)} test images; {args.backbone} "

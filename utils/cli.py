@@ -172,10 +172,13 @@ def categories_to_run(root: Path, category: str) -> list[str]:
     return [category]
 
 
-def run_cli(main) -> None:
-    """Run ``main()``; user errors become one line on stderr and exit code 2. glibc keeps freed
-    large buffers for reuse (utils/memory.py: the batches no longer page-fault their tensors)."""
-    keep_large_buffers()
+def run_cli(main, keep_buffers: bool = True) -> None:
+    """Run ``main()``; user errors become one line on stderr and exit code 2. With
+    ``keep_buffers``, glibc keeps freed large buffers for reuse (utils/memory.py: inference
+    batches no longer page-fault their tensors); train.py leaves glibc's defaults, under which
+    the fit's peak RSS stays flat."""
+    if keep_buffers:
+        keep_large_buffers()
     try:
         main()
     except user_errors() as exc:
