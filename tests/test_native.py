@@ -31,11 +31,11 @@ def test_kernels_equal_a_float64_reference_across_block_edges(tmp_path):
     x = (rng.normal(size=(n, positions, d)) @ rng.normal(size=(d, d)) + 5).astype(np.float32).transpose(0, 2, 1).copy()
     shift = np.ascontiguousarray(x[:5].mean(axis=0))
     blocks = kernels.blocks(positions)
-    gram = np.zeros((blocks * kernels.lanes, d, d), dtype=np.float32)
-    sums = np.zeros((blocks, d, kernels.lanes))
+    gram = np.full((blocks * kernels.lanes, d, d), np.nan, dtype=np.float32)   # the first batch writes
+    sums = np.full((blocks, d, kernels.lanes), np.nan)
     for start, stop in [(0, 1), (1, 6), (6, 11), (11, 16), (16, 21), (21, 23)]:
-        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 0, 1)
-        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 1, blocks)
+        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 0, 1, first=start == 0)
+        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 1, blocks, first=start == 0)
     assert kernels.whitening(gram, sums, n, d, positions, 0.01, 0, blocks) == (-1, False)
     whitening = gram[:positions].astype(np.float64)
     assert np.allclose(np.tril(whitening, -1), 0)           # upper triangular: L^-T

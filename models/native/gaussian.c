@@ -41,13 +41,13 @@ int padim_lanes(void) { return LANES; }
 
 /* 4x4 tile of Gram lanes: g[i0+r][j0+c] += sum_b xc[b][i0+r] * xc[b][j0+c] (packed lower
  * triangle). On a diagonal tile (i0 == j0) only c <= r exists. */
-static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0)
+static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0, int first)
 {
     const int diagonal = i0 == j0;
     vf acc[TILE][TILE];
     for (int r = 0; r < TILE; r++)
         for (int c = 0; c < TILE; c++)
-            acc[r][c] = diagonal && c > r ? (vf){0} : load_f(g + PACKED(i0 + r, j0 + c));
+            acc[r][c] = first || (diagonal && c > r) ? (vf){0} : load_f(g + PACKED(i0 + r, j0 + c));
     for (int64_t b = 0; b < batch; b++) {
         const float *row = xc + b * d * LANES;
         vf xi[TILE], xj[TILE];
@@ -63,20 +63,22 @@ static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64
 }
 
 /* Edge tiles (d not a multiple of TILE): same sums, lower triangle only. */
-static void gram_edge(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0)
+static void gram_edge(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0, int first)
 {
     for (int64_t i = i0; i < i0 + TILE && i < d; i++)
         for (int64_t j = j0; j < j0 + TILE && j <= i; j++) {
-            vf acc = load_f(g + PACKED(i, j));
+            vf acc = first ? (vf){0} : load_f(g + PACKED(i, j));
             for (int64_t b = 0; b < batch; b++)
                 acc += load_f(xc + (b * d + i) * LANES) * load_f(xc + (b * d + j) * LANES);
             store_f(g + PACKED(i, j), acc);
         }
 }
 
-/* Add one batch to blocks [block0, block1). Returns 0, or -1 if the scratch could not be allocated. */
+/* Add one batch to blocks [block0, block1); ``first``: the arrays hold no sums yet (they may be
+ * uninitialised memory: the first batch writes instead of adding, so the fit never zeroes the
+ * Gram array first). Returns 0, or -1 if the scratch could not be allocated. */
 int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
-                      float *gram, double *sums, int64_t block0, int64_t block1)
+                      float *gram, double *sums, int64_t block0, int64_t block1, int first)
 {
     float *xc = aligned_alloc(64, (size_t)(batch * d * LANES * sizeof(float) + 64));
     if (!xc) return -1;
@@ -96,17 +98,144 @@ int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t position
                 store_f(xc + (b * d + i) * LANES, v);
                 total += v;
             }
-            store_d(s + i * LANES, load_d(s + i * LANES) + __builtin_convertvector(total, vd));
+            const vd previous = first ? (vd){0} : load_d(s + i * LANES);
+            store_d(s + i * LANES, previous + __builtin_convertvector(total, vd));
         }
         float *g = gram + block * d * d * LANES;
         for (int64_t i0 = 0; i0 < d; i0 += TILE)
             for (int64_t j0 = 0; j0 <= i0; j0 += TILE) {
-                if (i0 + TILE <= d && j0 + TILE <= d) gram_tile(g, xc, batch, d, i0, j0);
-                else gram_edge(g, xc, batch, d, i0, j0);
+                if (i0 + TILE <= d && j0 + TILE <= d) gram_tile(g, xc, batch, d, i0, j0, first);
+                else gram_edge(g, xc, batch, d, i0, j0, first);
             }
     }
     free(xc);
     return 0;
+}
+
+/* Column j of the Cholesky factor needs sum_k L[j][k]^2: its pivot. Returns the first lane
+ * (below ``lanes``) that is not positive (or NaN), else -1; padding lanes get 1. */
+static int pivot(double *a, double *inv_diag, int64_t j, int lanes)
+{
+    const double *row_j = a + PACKED(j, 0);
+    vd diag = load_d(a + PACKED(j, j));
+    for (int64_t k = 0; k < j; k++) {
+        const vd ljk = load_d(row_j + k * LANES);
+        diag -= ljk * ljk;
+    }
+    for (int l = 0; l < lanes; l++)
+        if (!(diag[l] > 0.0)) return l;
+    for (int l = lanes; l < LANES; l++) diag[l] = 1.0;
+    vd root;
+    for (int l = 0; l < LANES; l++) root[l] = sqrt(diag[l]);
+    store_d(a + PACKED(j, j), root);
+    store_d(inv_diag + j * LANES, 1.0 / root);
+    return -1;
+}
+
+/* In-place Cholesky (dot-product form) of the packed lower triangle ``a``, two columns at a time:
+ * four rows share each load of rows j and j + 1, eight sums per k from six loads. */
+static int cholesky_lanes(double *a, double *inv_diag, int64_t d, int lanes)
+{
+    int64_t j = 0;
+    for (; j + 2 <= d; j += 2) {
+        int bad = pivot(a, inv_diag, j, lanes);
+        if (bad >= 0) return bad;
+        const vd inv0 = load_d(inv_diag + j * LANES);
+        const double *row0 = a + PACKED(j, 0), *row1 = a + PACKED(j + 1, 0);
+        {   /* L[j+1][j], then the pivot of column j + 1 */
+            vd t = load_d(row1 + j * LANES);
+            for (int64_t k = 0; k < j; k++) t -= load_d(row1 + k * LANES) * load_d(row0 + k * LANES);
+            store_d(a + PACKED(j + 1, j), t * inv0);
+        }
+        bad = pivot(a, inv_diag, j + 1, lanes);
+        if (bad >= 0) return bad;
+        const vd inv1 = load_d(inv_diag + (j + 1) * LANES);
+        const vd l10 = load_d(row1 + j * LANES);
+        int64_t i = j + 2;
+        for (; i + 4 <= d; i += 4) {
+            const double *r[4] = {a + PACKED(i, 0), a + PACKED(i + 1, 0), a + PACKED(i + 2, 0), a + PACKED(i + 3, 0)};
+            vd t0[4], t1[4];
+            for (int q = 0; q < 4; q++) { t0[q] = load_d(r[q] + j * LANES); t1[q] = load_d(r[q] + (j + 1) * LANES); }
+            for (int64_t k = 0; k < j; k++) {
+                const vd u0 = load_d(row0 + k * LANES), u1 = load_d(row1 + k * LANES);
+                for (int q = 0; q < 4; q++) {
+                    const vd v = load_d(r[q] + k * LANES);
+                    t0[q] -= v * u0;
+                    t1[q] -= v * u1;
+                }
+            }
+            for (int q = 0; q < 4; q++) {
+                const vd lij = t0[q] * inv0;
+                store_d(a + PACKED(i + q, j), lij);
+                store_d(a + PACKED(i + q, j + 1), (t1[q] - lij * l10) * inv1);
+            }
+        }
+        for (; i < d; i++) {
+            const double *ri = a + PACKED(i, 0);
+            vd t0 = load_d(ri + j * LANES), t1 = load_d(ri + (j + 1) * LANES);
+            for (int64_t k = 0; k < j; k++) {
+                const vd v = load_d(ri + k * LANES);
+                t0 -= v * load_d(row0 + k * LANES);
+                t1 -= v * load_d(row1 + k * LANES);
+            }
+            const vd lij = t0 * inv0;
+            store_d(a + PACKED(i, j), lij);
+            store_d(a + PACKED(i, j + 1), (t1 - lij * l10) * inv1);
+        }
+    }
+    if (j < d) return pivot(a, inv_diag, j, lanes);   /* odd d: the last column is its pivot alone */
+    return -1;
+}
+
+/* X = L^-1 in place, row by row: X[i][j] = -X[i][i] sum_{k=j}^{i-1} L[i][k] X[k][j] (rows
+ * k < i hold X already; row i is still L from column j on). Two rows and four columns at a time:
+ * eight sums per k from six loads; row i + 1 also needs k = i, i.e. row i's new X[i][j]. */
+static void invert_lanes(double *a, const double *inv_diag, int64_t d)
+{
+    int64_t i = 0;
+    for (; i < d; i += 2) {
+        const int two = i + 1 < d;
+        double *r0 = a + PACKED(i, 0);
+        double *r1 = two ? a + PACKED(i + 1, 0) : r0;
+        const vd x00 = load_d(inv_diag + i * LANES);
+        const vd x11 = two ? load_d(inv_diag + (i + 1) * LANES) : x00;
+        const vd l10 = two ? load_d(r1 + i * LANES) : (vd){0};
+        int64_t j0 = 0;
+        for (; j0 + 4 <= i; j0 += 4) {
+            vd t0[4] = {{0}, {0}, {0}, {0}}, t1[4] = {{0}, {0}, {0}, {0}};
+            for (int64_t k = j0; k < i; k++) {
+                const double *rk = a + PACKED(k, 0);
+                const vd v0 = load_d(r0 + k * LANES), v1 = load_d(r1 + k * LANES);
+                for (int c = 0; c < 4; c++) {
+                    if (j0 + c > k) continue;                     /* X[k][j] = 0 for j > k */
+                    const vd xk = load_d(rk + (j0 + c) * LANES);
+                    t0[c] += v0 * xk;
+                    t1[c] += v1 * xk;
+                }
+            }
+            for (int c = 0; c < 4; c++) {
+                const vd xij = -t0[c] * x00;
+                store_d(r0 + (j0 + c) * LANES, xij);
+                if (two) store_d(r1 + (j0 + c) * LANES, -(t1[c] + l10 * xij) * x11);
+            }
+        }
+        for (int64_t j = j0; j < i; j++) {
+            vd t0 = {0}, t1 = {0};
+            for (int64_t k = j; k < i; k++) {
+                const vd xk = load_d(a + PACKED(k, j));
+                t0 += load_d(r0 + k * LANES) * xk;
+                t1 += load_d(r1 + k * LANES) * xk;
+            }
+            const vd xij = -t0 * x00;
+            store_d(r0 + j * LANES, xij);
+            if (two) store_d(r1 + j * LANES, -(t1 + l10 * xij) * x11);
+        }
+        store_d(r0 + i * LANES, x00);
+        if (two) {
+            store_d(r1 + i * LANES, -(l10 * x00) * x11);                /* X[i+1][i] */
+            store_d(r1 + (i + 1) * LANES, x11);
+        }
+    }
 }
 
 /* Blocks [block0, block1): covariance (float64) = (G - n m m^T) / (n - 1) + eps I with
@@ -146,80 +275,9 @@ int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, i
                 if (!isfinite(v[l])) { bad = p0 + l; *nonfinite = 1; break; }
         }
         if (bad >= 0) break;
-        /* Cholesky, column by column (dot-product form); four rows share each load of row j */
-        for (int64_t j = 0; j < d && bad < 0; j++) {
-            const double *row_j = a + PACKED(j, 0);
-            vd diag = load_d(a + PACKED(j, j));
-            for (int64_t k = 0; k < j; k++) {
-                vd ljk = load_d(row_j + k * LANES);
-                diag -= ljk * ljk;
-            }
-            for (int l = 0; l < lanes; l++)
-                if (!(diag[l] > 0.0)) { bad = p0 + l; break; }
-            if (bad >= 0) break;
-            for (int l = lanes; l < LANES; l++) diag[l] = 1.0;   /* padding lanes */
-            vd root;
-            for (int l = 0; l < LANES; l++) root[l] = sqrt(diag[l]);
-            const vd inv = 1.0 / root;
-            store_d(a + PACKED(j, j), root);
-            store_d(inv_diag + j * LANES, inv);
-            int64_t i = j + 1;
-            for (; i + 4 <= d; i += 4) {
-                const double *r0 = a + PACKED(i, 0), *r1 = a + PACKED(i + 1, 0);
-                const double *r2 = a + PACKED(i + 2, 0), *r3 = a + PACKED(i + 3, 0);
-                vd t0 = load_d(r0 + j * LANES), t1 = load_d(r1 + j * LANES);
-                vd t2 = load_d(r2 + j * LANES), t3 = load_d(r3 + j * LANES);
-                for (int64_t k = 0; k < j; k++) {
-                    const vd ljk = load_d(row_j + k * LANES);
-                    t0 -= load_d(r0 + k * LANES) * ljk;
-                    t1 -= load_d(r1 + k * LANES) * ljk;
-                    t2 -= load_d(r2 + k * LANES) * ljk;
-                    t3 -= load_d(r3 + k * LANES) * ljk;
-                }
-                store_d(a + PACKED(i, j), t0 * inv);
-                store_d(a + PACKED(i + 1, j), t1 * inv);
-                store_d(a + PACKED(i + 2, j), t2 * inv);
-                store_d(a + PACKED(i + 3, j), t3 * inv);
-            }
-            for (; i < d; i++) {
-                const double *ri = a + PACKED(i, 0);
-                vd t = load_d(ri + j * LANES);
-                for (int64_t k = 0; k < j; k++) t -= load_d(ri + k * LANES) * load_d(row_j + k * LANES);
-                store_d(a + PACKED(i, j), t * inv);
-            }
-        }
-        if (bad >= 0) break;
-        /* X = L^-1 in place, row by row: X[i][j] = -X[i][i] sum_{k=j}^{i-1} L[i][k] X[k][j] (rows
-         * k < i are X already; row i is still L from column j on). Four columns share each
-         * load of L[i][k]. */
-        for (int64_t i = 0; i < d; i++) {
-            double *ri = a + PACKED(i, 0);
-            const vd xii = load_d(inv_diag + i * LANES);
-            int64_t j0 = 0;
-            for (; j0 + 4 <= i; j0 += 4) {
-                vd t[4] = {{0}, {0}, {0}, {0}};
-                for (int64_t k = j0; k < j0 + 4; k++) {        /* X[k][j] = 0 for j > k */
-                    const double *rk = a + PACKED(k, 0);
-                    const vd lik = load_d(ri + k * LANES);
-                    for (int64_t c = 0; j0 + c <= k; c++) t[c] += lik * load_d(rk + (j0 + c) * LANES);
-                }
-                for (int64_t k = j0 + 4; k < i; k++) {
-                    const double *rk = a + PACKED(k, j0);
-                    const vd lik = load_d(ri + k * LANES);
-                    t[0] += lik * load_d(rk);
-                    t[1] += lik * load_d(rk + LANES);
-                    t[2] += lik * load_d(rk + 2 * LANES);
-                    t[3] += lik * load_d(rk + 3 * LANES);
-                }
-                for (int c = 0; c < 4; c++) store_d(ri + (j0 + c) * LANES, -t[c] * xii);
-            }
-            for (int64_t j = j0; j < i; j++) {
-                vd t = {0};
-                for (int64_t k = j; k < i; k++) t += load_d(ri + k * LANES) * load_d(a + PACKED(k, j));
-                store_d(ri + j * LANES, -t * xii);
-            }
-            store_d(ri + i * LANES, xii);
-        }
+        const int bad_lane = cholesky_lanes(a, inv_diag, d, (int)lanes);
+        if (bad_lane >= 0) { bad = p0 + bad_lane; break; }
+        invert_lanes(a, inv_diag, d);
         /* W = X^T: W[r][c] = X[c][r] for c >= r, else 0; written over this block's bytes */
         for (int64_t l = 0; l < LANES; l++) {
             float *w = g + l * d * d;
