@@ -22,6 +22,10 @@ from models.native import gaussian_kernels
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
 DEFAULT_SIGMA = 4.0
+# The fit uses the compiled kernels up to this d. Their packed float64 factorisation of 16
+# positions outgrows the caches beyond it: at d=550 (WR50) it ran 1.5x slower than LAPACK's
+# cache-blocked Cholesky, and the whole fit 1.1x slower than the NumPy path.
+NATIVE_FIT_MAX_D = 256
 
 
 def channel_indices(total_channels: int, d: int, seed: int = DEFAULT_SEED) -> np.ndarray:
@@ -109,7 +113,7 @@ class GaussianFit:
         """``first``: the first batch as [B, d, P] float32."""
         _, d, positions = first.shape
         self.d_, self.positions_ = d, positions
-        self._kernels = gaussian_kernels() if on_host else None
+        self._kernels = gaussian_kernels() if on_host and d <= NATIVE_FIT_MAX_D else None
         if self._kernels is not None:
             # models/native/gaussian.c: positions as vector lanes, the Gram lower triangles packed
             # in blocks of lanes inside an array the size of the whitening it becomes

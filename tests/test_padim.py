@@ -198,3 +198,16 @@ def test_device_update_path_equals_host_path(monkeypatch):
     mean_device, whitening_device = fit(features, batch_size=5)
     np.testing.assert_allclose(mean_device, mean_host, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(whitening_device, whitening_host, rtol=1e-4, atol=1e-5)
+
+
+def test_fits_above_the_kernels_d_limit_take_the_numpy_path(monkeypatch):
+    """WR50's d=550 fits through NumPy/LAPACK (NATIVE_FIT_MAX_D), with the same result."""
+    monkeypatch.setattr("models.padim.NATIVE_FIT_MAX_D", 6)
+    features = correlated_features(n=30, d=7, positions=9, seed=9)
+    gaussian = GaussianFit()
+    gaussian.update(paddle.to_tensor(features[:15])).update(paddle.to_tensor(features[15:]))
+    assert gaussian._kernels is None
+    mean, whitening = gaussian.finalize(0.01)
+    ref_mean, ref_cov = reference_gaussian(features)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
