@@ -85,6 +85,7 @@ def main():
 
 if __name__ == "__main__":
     # glibc's defaults: keeping large freed buffers (utils/memory.py, as val.py and the deploy
-    # scripts do) made the fit ~12% faster on bottle, but Paddle Inference's allocations then grew
-    # the heap over the first batches, peak RSS 1.17 vs 0.95 GiB on the demo (the RSS target)
+    # scripts do) made the fit faster, but Paddle Inference's allocations then grew
+    # the heap over the first batches: peak RSS 1.32x for 480 vs 60 demo images (the RSS target;
+    # logs/benchmark_demo_resnet18_fit_malloc_kept.log)
     run_cli(main, keep_buffers=False)

@@ -94,9 +94,12 @@ class GaussianFit:
     whitening matrices over the Gram array, a slice of positions at a time, so the fit never
     holds two [P, d, d] arrays (3.8 GB each for WR50-Rd550).
 
-    On the CPU the work runs on NumPy in ``threads`` threads over slices of positions (BLAS
-    limited to one thread each: these are many small matrices, where BLAS's own threading only
-    adds overhead); on a GPU the products run as batched Paddle matmuls.
+    On the CPU the work runs in ``threads`` threads over slices of positions: through
+    models/native's compiled kernels when they are built and d <= NATIVE_FIT_MAX_D (positions as
+    vector lanes; the Gram lower triangles packed in blocks of 16 positions inside the array that
+    becomes the whitening), else in NumPy (BLAS limited to one thread each: these are many small
+    matrices, where BLAS's own threading only adds overhead). On a GPU the products run as
+    batched Paddle matmuls.
     """
 
     def __init__(self, chunk_bytes: int = 16 << 20, threads: int | None = None):
