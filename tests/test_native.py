@@ -65,3 +65,14 @@ def test_padim_native_0_switches_the_kernels_off(monkeypatch):
     monkeypatch.setenv("PADIM_NATIVE", "0")
     assert native.gaussian_kernels() is None
     assert "PADIM_NATIVE=0" in native.kernel_status()
+
+
+def test_a_folder_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(native.KernelError, match="not a private folder"):
+        native._check_private(shared)
+    private = tmp_path / "private"
+    native._check_private(private)            # created 0700: fine
+    assert private.stat().st_mode & 0o077 == 0

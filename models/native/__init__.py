@@ -149,6 +149,7 @@ def load_kernels(compiler: str | None = None, directory: Path | None = None) -> 
     for folder in (directory or cache_dir(), Path(tempfile.gettempdir()) / f"padim-native-{os.getuid()}"):
         library = folder / f"gaussian-{identity}.so"
         try:
+            _check_private(folder)
             if not library.is_file():
                 _compile(compiler, folder, library, errors)
             kernels = GaussianKernels(ctypes.CDLL(str(library)), library)
@@ -160,8 +161,17 @@ def load_kernels(compiler: str | None = None, directory: Path | None = None) -> 
     raise KernelError("; ".join(errors))
 
 
+def _check_private(folder: Path) -> None:
+    """The library is loaded into this process: its folder must be ours and not writable by
+    others (a shared /tmp could otherwise hand us someone else's file under the expected name)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.stat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise KernelError(f"{folder} is not a private folder of this user (owner or group/other write bits)")
+
+
 def _compile(compiler: str, folder: Path, library: Path, errors: list) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     for flags in (FLAGS, PORTABLE_FLAGS):   # a compiler without -march=native still builds
         descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=library.stem, suffix=".tmp")
         os.close(descriptor)
