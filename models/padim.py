@@ -106,6 +106,8 @@ class GaussianFit:
         self.chunk_bytes = chunk_bytes
         self.threads = threads or available_cpus()
         self.n_ = 0
+        # NumPy path layouts; with the kernels: shift [d, P], sums [blocks, d, 16], and the Gram
+        # triangles packed per block of 16 positions (models/native/gaussian.c)
         self._shift = None          # [P, d] float32
         self._sum = None            # [P, d] float64
         self._gram = None           # [P, d, d] float32
@@ -122,7 +124,7 @@ class GaussianFit:
             # in blocks of lanes inside an array the size of the whitening it becomes
             blocks = self._kernels.blocks(positions)
             self._shift = first.mean(axis=0)     # [d, P]; any value near the mean keeps float32 accurate
-            # np.empty: the first update writes the sums (zeroing 125 MB first cost ~30 ms on bottle)
+            # np.empty: the first update writes the sums (calloc would zero all 125 MB for bottle first)
             self._sum = np.empty((blocks, d, self._kernels.lanes), dtype=np.float64)
             self._gram = np.empty((blocks * self._kernels.lanes, d, d), dtype=np.float32)
             self._chunks = _even_slices(blocks, 4 * self.threads)
@@ -144,7 +146,7 @@ class GaussianFit:
             raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
         if isinstance(embeddings, np.ndarray):
             self._update_host(np.asarray(embeddings, dtype=np.float32))
-        elif paddle.get_device() == "cpu":
+        elif paddle.get_device() == "cpu" or self._kernels is not None:   # a fit started on the host stays there
             self._update_host(host_array(embeddings))
         else:
             self._update_device(embeddings)
@@ -347,8 +349,8 @@ def mahalanobis_host(embeddings: np.ndarray, mean: np.ndarray, whitening: np.nda
                      threads: int | None = None, chunk_positions: int = 64) -> np.ndarray:
     """``mahalanobis_positions_first`` on the host for the CPU: [P, B, d] float32 -> [B, P]
     float32, the positions split over threads: models/native's kernel, else NumPy's batched
-    matmul. Paddle's eager batched matmul is several
-    times slower on the CPU for these many small products."""
+    matmul. Paddle's eager batched matmul is several times slower on the CPU for these many
+    small products."""
     positions, batch, _ = embeddings.shape
     chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
     kernels = gaussian_kernels()

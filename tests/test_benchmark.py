@@ -105,3 +105,13 @@ def test_quick_run_prints_the_table_and_writes_json(demo_root, tmp_path):
     assert report["results"]["rss"]["large"]["n_images"] == 2 * report["results"]["rss"]["small"]["n_images"]
     assert {row["status"] for row in report["table"]} <= {"", "PASS", "FAIL"}
     assert any(row["status"] for row in report["table"])
+
+
+def test_streaming_traffic_counts_each_pass_of_the_stage():
+    """3 train images in batches of 2, 2 test images, d=2, P=5 (float32): embeddings read once
+    (120 + 80 B), packed triangles (5 positions x 3 entries x 4 B = 60 B) read and written per
+    train batch (2 x 120) and read at finalize (60), the whitening (5 x 2 x 2 x 4 = 80 B) written
+    once and read per test batch (80)."""
+    from tools.benchmark import streaming_traffic
+
+    assert streaming_traffic(3, 2, 2, 5, batch_size=2) == 120 + 240 + 60 + 80 + 80 + 80

@@ -7,7 +7,9 @@ Measures, on this machine, in one run:
             training images (the same images repeated);
   gaussian  the streaming Gaussian fit + vectorised scoring against the original's per-patch loop
             (np.cov + eps*I per position; np.linalg.inv and scipy's mahalanobis per patch) on the
-            same embeddings: speed ratio and max relative difference of the distances;
+            same embeddings: speed ratio and max relative difference of the distances, which
+            Gaussian kernels ran (models/native), and the floor the memory traffic alone sets
+            (bytes the streaming stage moves / measured copy bandwidth);
   eager     predict.py's path (dynamic graph): latency at batch 1, throughput at batch 32;
   static    infer.py's path (exported graph, Paddle Inference, oneDNN on): the same, with the
             preprocessing (decode, resize, crop, normalise) excluded and included;
