@@ -28,14 +28,23 @@
 #define TILE 4
 /* offset of entry (i, j), j <= i, of a lower triangle packed by rows, LANES per entry */
 #define PACKED(i, j) ((((i) * ((i) + 1)) / 2 + (j)) * LANES)
+#define PACKED_H(i, j) ((((i) * ((i) + 1)) / 2 + (j)) * HALF)
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 typedef double vd __attribute__((vector_size(LANES * sizeof(double)), aligned(8)));
+/* The factorisations work on 8 lanes at a time: 8 doubles fill one 512-bit register, while GCC
+ * keeps a 16-double vector (no such machine mode) in memory. */
+#define HALF 8
+typedef double vh __attribute__((vector_size(HALF * sizeof(double)), aligned(8), may_alias));
+typedef float vq __attribute__((vector_size(HALF * sizeof(float)), aligned(4)));
 
 static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vd load_d(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
 static inline void store_d(double *p, vd v) { memcpy(p, &v, sizeof v); }
+static inline vh load_h(const double *p) { return *(const vh *)p; }
+static inline void store_h(double *p, vh v) { *(vh *)p = v; }
+static inline vq load_q(const float *p) { vq v; memcpy(&v, p, sizeof v); return v; }
 
 int padim_lanes(void) { return LANES; }
 
@@ -116,19 +125,19 @@ int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t position
  * (below ``lanes``) that is not positive (or NaN), else -1; padding lanes get 1. */
 static int pivot(double *a, double *inv_diag, int64_t j, int lanes)
 {
-    const double *row_j = a + PACKED(j, 0);
-    vd diag = load_d(a + PACKED(j, j));
+    const double *row_j = a + PACKED_H(j, 0);
+    vh diag = load_h(a + PACKED_H(j, j));
     for (int64_t k = 0; k < j; k++) {
-        const vd ljk = load_d(row_j + k * LANES);
+        const vh ljk = load_h(row_j + k * HALF);
         diag -= ljk * ljk;
     }
     for (int l = 0; l < lanes; l++)
         if (!(diag[l] > 0.0)) return l;
-    for (int l = lanes; l < LANES; l++) diag[l] = 1.0;
-    vd root;
-    for (int l = 0; l < LANES; l++) root[l] = sqrt(diag[l]);
-    store_d(a + PACKED(j, j), root);
-    store_d(inv_diag + j * LANES, 1.0 / root);
+    for (int l = lanes; l < HALF; l++) diag[l] = 1.0;
+    vh root;
+    for (int l = 0; l < HALF; l++) root[l] = sqrt(diag[l]);
+    store_h(a + PACKED_H(j, j), root);
+    store_h(inv_diag + j * HALF, 1.0 / root);
     return -1;
 }
 
@@ -140,47 +149,56 @@ static int cholesky_lanes(double *a, double *inv_diag, int64_t d, int lanes)
     for (; j + 2 <= d; j += 2) {
         int bad = pivot(a, inv_diag, j, lanes);
         if (bad >= 0) return bad;
-        const vd inv0 = load_d(inv_diag + j * LANES);
-        const double *row0 = a + PACKED(j, 0), *row1 = a + PACKED(j + 1, 0);
+        const vh inv0 = load_h(inv_diag + j * HALF);
+        const double *row0 = a + PACKED_H(j, 0), *row1 = a + PACKED_H(j + 1, 0);
         {   /* L[j+1][j], then the pivot of column j + 1 */
-            vd t = load_d(row1 + j * LANES);
-            for (int64_t k = 0; k < j; k++) t -= load_d(row1 + k * LANES) * load_d(row0 + k * LANES);
-            store_d(a + PACKED(j + 1, j), t * inv0);
+            vh t = load_h(row1 + j * HALF);
+            for (int64_t k = 0; k < j; k++) t -= load_h(row1 + k * HALF) * load_h(row0 + k * HALF);
+            store_h(a + PACKED_H(j + 1, j), t * inv0);
         }
         bad = pivot(a, inv_diag, j + 1, lanes);
         if (bad >= 0) return bad;
-        const vd inv1 = load_d(inv_diag + (j + 1) * LANES);
-        const vd l10 = load_d(row1 + j * LANES);
+        const vh inv1 = load_h(inv_diag + (j + 1) * HALF);
+        const vh l10 = load_h(row1 + j * HALF);
         int64_t i = j + 2;
         for (; i + 4 <= d; i += 4) {
-            const double *r[4] = {a + PACKED(i, 0), a + PACKED(i + 1, 0), a + PACKED(i + 2, 0), a + PACKED(i + 3, 0)};
-            vd t0[4], t1[4];
-            for (int q = 0; q < 4; q++) { t0[q] = load_d(r[q] + j * LANES); t1[q] = load_d(r[q] + (j + 1) * LANES); }
+            /* named accumulators, not arrays: GCC kept arrays of these on the stack */
+            const double *r0 = a + PACKED_H(i, 0), *r1 = a + PACKED_H(i + 1, 0);
+            const double *r2 = a + PACKED_H(i + 2, 0), *r3 = a + PACKED_H(i + 3, 0);
+            vh s00 = load_h(r0 + j * HALF), s01 = load_h(r0 + (j + 1) * HALF);
+            vh s10 = load_h(r1 + j * HALF), s11 = load_h(r1 + (j + 1) * HALF);
+            vh s20 = load_h(r2 + j * HALF), s21 = load_h(r2 + (j + 1) * HALF);
+            vh s30 = load_h(r3 + j * HALF), s31 = load_h(r3 + (j + 1) * HALF);
             for (int64_t k = 0; k < j; k++) {
-                const vd u0 = load_d(row0 + k * LANES), u1 = load_d(row1 + k * LANES);
-                for (int q = 0; q < 4; q++) {
-                    const vd v = load_d(r[q] + k * LANES);
-                    t0[q] -= v * u0;
-                    t1[q] -= v * u1;
-                }
+                const vh u0 = load_h(row0 + k * HALF), u1 = load_h(row1 + k * HALF);
+                const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
+                const vh v2 = load_h(r2 + k * HALF), v3 = load_h(r3 + k * HALF);
+                s00 -= v0 * u0; s01 -= v0 * u1;
+                s10 -= v1 * u0; s11 -= v1 * u1;
+                s20 -= v2 * u0; s21 -= v2 * u1;
+                s30 -= v3 * u0; s31 -= v3 * u1;
             }
-            for (int q = 0; q < 4; q++) {
-                const vd lij = t0[q] * inv0;
-                store_d(a + PACKED(i + q, j), lij);
-                store_d(a + PACKED(i + q, j + 1), (t1[q] - lij * l10) * inv1);
-            }
+            const vh l0 = s00 * inv0, l1 = s10 * inv0, l2 = s20 * inv0, l3 = s30 * inv0;
+            store_h(a + PACKED_H(i, j), l0);
+            store_h(a + PACKED_H(i + 1, j), l1);
+            store_h(a + PACKED_H(i + 2, j), l2);
+            store_h(a + PACKED_H(i + 3, j), l3);
+            store_h(a + PACKED_H(i, j + 1), (s01 - l0 * l10) * inv1);
+            store_h(a + PACKED_H(i + 1, j + 1), (s11 - l1 * l10) * inv1);
+            store_h(a + PACKED_H(i + 2, j + 1), (s21 - l2 * l10) * inv1);
+            store_h(a + PACKED_H(i + 3, j + 1), (s31 - l3 * l10) * inv1);
         }
         for (; i < d; i++) {
-            const double *ri = a + PACKED(i, 0);
-            vd t0 = load_d(ri + j * LANES), t1 = load_d(ri + (j + 1) * LANES);
+            const double *ri = a + PACKED_H(i, 0);
+            vh t0 = load_h(ri + j * HALF), t1 = load_h(ri + (j + 1) * HALF);
             for (int64_t k = 0; k < j; k++) {
-                const vd v = load_d(ri + k * LANES);
-                t0 -= v * load_d(row0 + k * LANES);
-                t1 -= v * load_d(row1 + k * LANES);
+                const vh v = load_h(ri + k * HALF);
+                t0 -= v * load_h(row0 + k * HALF);
+                t1 -= v * load_h(row1 + k * HALF);
             }
-            const vd lij = t0 * inv0;
-            store_d(a + PACKED(i, j), lij);
-            store_d(a + PACKED(i, j + 1), (t1 - lij * l10) * inv1);
+            const vh lij = t0 * inv0;
+            store_h(a + PACKED_H(i, j), lij);
+            store_h(a + PACKED_H(i, j + 1), (t1 - lij * l10) * inv1);
         }
     }
     if (j < d) return pivot(a, inv_diag, j, lanes);   /* odd d: the last column is its pivot alone */
@@ -195,61 +213,75 @@ static void invert_lanes(double *a, const double *inv_diag, int64_t d)
     int64_t i = 0;
     for (; i < d; i += 2) {
         const int two = i + 1 < d;
-        double *r0 = a + PACKED(i, 0);
-        double *r1 = two ? a + PACKED(i + 1, 0) : r0;
-        const vd x00 = load_d(inv_diag + i * LANES);
-        const vd x11 = two ? load_d(inv_diag + (i + 1) * LANES) : x00;
-        const vd l10 = two ? load_d(r1 + i * LANES) : (vd){0};
+        double *r0 = a + PACKED_H(i, 0);
+        double *r1 = two ? a + PACKED_H(i + 1, 0) : r0;
+        const vh x00 = load_h(inv_diag + i * HALF);
+        const vh x11 = two ? load_h(inv_diag + (i + 1) * HALF) : x00;
+        const vh l10 = two ? load_h(r1 + i * HALF) : (vh){0};
         int64_t j0 = 0;
         for (; j0 + 4 <= i; j0 += 4) {
-            vd t0[4] = {{0}, {0}, {0}, {0}}, t1[4] = {{0}, {0}, {0}, {0}};
-            for (int64_t k = j0; k < i; k++) {
-                const double *rk = a + PACKED(k, 0);
-                const vd v0 = load_d(r0 + k * LANES), v1 = load_d(r1 + k * LANES);
-                for (int c = 0; c < 4; c++) {
-                    if (j0 + c > k) continue;                     /* X[k][j] = 0 for j > k */
-                    const vd xk = load_d(rk + (j0 + c) * LANES);
-                    t0[c] += v0 * xk;
-                    t1[c] += v1 * xk;
-                }
+            /* named accumulators, not arrays: GCC kept arrays of these on the stack */
+            vh s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
+            for (int64_t k = j0; k < j0 + 3; k++) {          /* X[k][j] = 0 for j > k */
+                const double *rk = a + PACKED_H(k, 0);
+                const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
+                const vh x0 = load_h(rk + j0 * HALF);
+                s00 += v0 * x0; s10 += v1 * x0;
+                if (k >= j0 + 1) { const vh x1 = load_h(rk + (j0 + 1) * HALF); s01 += v0 * x1; s11 += v1 * x1; }
+                if (k >= j0 + 2) { const vh x2 = load_h(rk + (j0 + 2) * HALF); s02 += v0 * x2; s12 += v1 * x2; }
             }
-            for (int c = 0; c < 4; c++) {
-                const vd xij = -t0[c] * x00;
-                store_d(r0 + (j0 + c) * LANES, xij);
-                if (two) store_d(r1 + (j0 + c) * LANES, -(t1[c] + l10 * xij) * x11);
+            for (int64_t k = j0 + 3; k < i; k++) {
+                const double *rk = a + PACKED_H(k, j0);
+                const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
+                const vh x0 = load_h(rk), x1 = load_h(rk + HALF), x2 = load_h(rk + 2 * HALF), x3 = load_h(rk + 3 * HALF);
+                s00 += v0 * x0; s01 += v0 * x1; s02 += v0 * x2; s03 += v0 * x3;
+                s10 += v1 * x0; s11 += v1 * x1; s12 += v1 * x2; s13 += v1 * x3;
+            }
+            const vh x0 = -s00 * x00, x1 = -s01 * x00, x2 = -s02 * x00, x3 = -s03 * x00;
+            store_h(r0 + j0 * HALF, x0);
+            store_h(r0 + (j0 + 1) * HALF, x1);
+            store_h(r0 + (j0 + 2) * HALF, x2);
+            store_h(r0 + (j0 + 3) * HALF, x3);
+            if (two) {
+                store_h(r1 + j0 * HALF, -(s10 + l10 * x0) * x11);
+                store_h(r1 + (j0 + 1) * HALF, -(s11 + l10 * x1) * x11);
+                store_h(r1 + (j0 + 2) * HALF, -(s12 + l10 * x2) * x11);
+                store_h(r1 + (j0 + 3) * HALF, -(s13 + l10 * x3) * x11);
             }
         }
         for (int64_t j = j0; j < i; j++) {
-            vd t0 = {0}, t1 = {0};
+            vh t0 = {0}, t1 = {0};
             for (int64_t k = j; k < i; k++) {
-                const vd xk = load_d(a + PACKED(k, j));
-                t0 += load_d(r0 + k * LANES) * xk;
-                t1 += load_d(r1 + k * LANES) * xk;
+                const vh xk = load_h(a + PACKED_H(k, j));
+                t0 += load_h(r0 + k * HALF) * xk;
+                t1 += load_h(r1 + k * HALF) * xk;
             }
-            const vd xij = -t0 * x00;
-            store_d(r0 + j * LANES, xij);
-            if (two) store_d(r1 + j * LANES, -(t1 + l10 * xij) * x11);
+            const vh xij = -t0 * x00;
+            store_h(r0 + j * HALF, xij);
+            if (two) store_h(r1 + j * HALF, -(t1 + l10 * xij) * x11);
         }
-        store_d(r0 + i * LANES, x00);
+        store_h(r0 + i * HALF, x00);
         if (two) {
-            store_d(r1 + i * LANES, -(l10 * x00) * x11);                /* X[i+1][i] */
-            store_d(r1 + (i + 1) * LANES, x11);
+            store_h(r1 + i * HALF, -(l10 * x00) * x11);                /* X[i+1][i] */
+            store_h(r1 + (i + 1) * HALF, x11);
         }
     }
 }
 
 /* Blocks [block0, block1): covariance (float64) = (G - n m m^T) / (n - 1) + eps I with
- * m = sums / n, its Cholesky factor L, X = L^-1 (both in place, lower triangle packed by rows:
- * 16 lanes of a 100 x 100 problem then take 646 KB, which stays in a core's L2 cache), and
+ * m = sums / n, its Cholesky factor L, X = L^-1 (both in place, lower triangle packed by rows,
+ * in two halves of 8 lanes: 2 x 323 KB for d = 100, which stays in a core's L2 cache), and
  * W = X^T written over the block as [LANES][d][d] float32. Returns -1 when every position was
  * positive definite and finite, else the first offending position (-2: no scratch memory);
  * *nonfinite is set to 1 when that position's statistics are NaN or infinite. */
 int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, int64_t positions, double eps,
                         int64_t block0, int64_t block1, int32_t *nonfinite)
 {
-    double *a = aligned_alloc(64, (size_t)((d * (d + 1) / 2) * LANES * sizeof(double) + 64));
-    double *inv_diag = aligned_alloc(64, (size_t)(d * LANES * sizeof(double) + 64));
-    if (!a || !inv_diag) { free(a); free(inv_diag); return -2; }
+    const int64_t packed = d * (d + 1) / 2 * HALF;
+    double *a = aligned_alloc(64, (size_t)((2 * packed + 2 * d * HALF) * sizeof(double) + 64));
+    if (!a) return -2;
+    double *halves[2] = {a, a + packed};
+    double *inv_diag[2] = {a + 2 * packed, a + 2 * packed + d * HALF};
     int64_t bad = -1;
     *nonfinite = 0;
     for (int64_t block = block0; block < block1 && bad < 0; block++) {
@@ -257,38 +289,45 @@ int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, i
         const int64_t lanes = positions - p0 < LANES ? positions - p0 : LANES;
         float *g = gram + block * d * d * LANES;
         const double *s = sums + block * d * LANES;
-        /* covariance, lower triangle */
-        for (int64_t i = 0; i < d; i++) {
-            vd mi = load_d(s + i * LANES) / (double)n;
-            for (int64_t j = 0; j <= i; j++) {
-                vd mj = load_d(s + j * LANES) / (double)n;
-                vd gij = __builtin_convertvector(load_f(g + PACKED(i, j)), vd);
-                vd cov = (gij - (double)n * mi * mj) / (double)(n - 1);
-                if (i == j) cov += eps;
-                store_d(a + PACKED(i, j), cov);
+        /* covariances of both halves first: the whitening is written over the same bytes */
+        for (int h = 0; h < 2; h++) {
+            double *ah = halves[h];
+            for (int64_t i = 0; i < d; i++) {
+                const vh mi = load_h(s + i * LANES + h * HALF) / (double)n;
+                for (int64_t j = 0; j <= i; j++) {
+                    const vh mj = load_h(s + j * LANES + h * HALF) / (double)n;
+                    const vh gij = __builtin_convertvector(load_q(g + PACKED(i, j) + h * HALF), vh);
+                    vh cov = (gij - (double)n * mi * mj) / (double)(n - 1);
+                    if (i == j) cov += eps;
+                    store_h(ah + PACKED_H(i, j), cov);
+                }
             }
         }
-        /* non-finite embeddings make their diagonal entry NaN or infinite */
-        for (int64_t i = 0; i < d && bad < 0; i++) {
-            vd v = load_d(a + PACKED(i, i));
-            for (int l = 0; l < lanes; l++)
-                if (!isfinite(v[l])) { bad = p0 + l; *nonfinite = 1; break; }
+        for (int h = 0; h < 2 && bad < 0; h++) {
+            const int valid = lanes - h * HALF > HALF ? HALF : (int)(lanes - h * HALF > 0 ? lanes - h * HALF : 0);
+            /* non-finite embeddings make their diagonal entry NaN or infinite */
+            for (int64_t i = 0; i < d && bad < 0; i++) {
+                const vh v = load_h(halves[h] + PACKED_H(i, i));
+                for (int l = 0; l < valid; l++)
+                    if (!isfinite(v[l])) { bad = p0 + h * HALF + l; *nonfinite = 1; break; }
+            }
+            if (bad >= 0) break;
+            const int bad_lane = cholesky_lanes(halves[h], inv_diag[h], d, valid);
+            if (bad_lane >= 0) { bad = p0 + h * HALF + bad_lane; break; }
+            invert_lanes(halves[h], inv_diag[h], d);
         }
         if (bad >= 0) break;
-        const int bad_lane = cholesky_lanes(a, inv_diag, d, (int)lanes);
-        if (bad_lane >= 0) { bad = p0 + bad_lane; break; }
-        invert_lanes(a, inv_diag, d);
         /* W = X^T: W[r][c] = X[c][r] for c >= r, else 0; written over this block's bytes */
         for (int64_t l = 0; l < LANES; l++) {
+            const double *x = halves[l / HALF] + l % HALF;
             float *w = g + l * d * d;
             for (int64_t r = 0; r < d; r++) {
                 for (int64_t c = 0; c < r; c++) w[r * d + c] = 0.0f;
-                for (int64_t c = r; c < d; c++) w[r * d + c] = (float)a[PACKED(c, r) + l];
+                for (int64_t c = r; c < d; c++) w[r * d + c] = (float)x[PACKED_H(c, r)];
             }
         }
     }
     free(a);
-    free(inv_diag);
     return bad;
 }
 
