@@ -211,3 +211,12 @@ def test_fits_above_the_kernels_d_limit_take_the_numpy_path(monkeypatch):
     ref_mean, ref_cov = reference_gaussian(features)
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
+
+
+def test_populated_empty_is_a_writable_array_of_the_shape():
+    from models.padim import populated_empty
+
+    array = populated_empty((3, 4, 5), np.float32, min_bytes=0)
+    assert array.shape == (3, 4, 5) and array.dtype == np.float32 and array.flags.c_contiguous
+    array[...] = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    np.testing.assert_array_equal(array.sum(axis=(1, 2)), [190, 590, 990])
