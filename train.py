@@ -86,6 +86,6 @@ def main():
 if __name__ == "__main__":
     # glibc's defaults: keeping large freed buffers (utils/memory.py, as val.py and the deploy
     # scripts do) made the fit faster, but Paddle Inference's allocations then grew
-    # the heap over the first batches: peak RSS 1.32x for 480 vs 60 demo images (the RSS target;
-    # logs/benchmark_demo_resnet18_fit_malloc_kept.log)
+    # the heap over the first batches: peak RSS 1.13x-1.38x for 480 vs 60 demo images over four
+    # runs (the RSS target is 1.2x; logs/benchmark_demo_resnet18_fit_malloc_kept.log is one)
     run_cli(main, keep_buffers=False)
