@@ -23,9 +23,9 @@ from models.native import gaussian_kernels
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
 DEFAULT_SIGMA = 4.0
-# The fit uses the compiled kernels up to this d. Their packed float64 factorisation of 16
-# positions outgrows the caches beyond it: at d=550 (WR50) it ran 1.5x slower than LAPACK's
-# cache-blocked Cholesky, and the whole fit 1.1x slower than the NumPy path.
+# The fit uses the compiled kernels up to this d. Beyond it their packed float64 factorisation of
+# 16 positions outgrows the caches (19 MB at WR50's d=550), where LAPACK's cache-blocked Cholesky
+# through the NumPy path was the faster of the two when compared on random data.
 NATIVE_FIT_MAX_D = 256
 
 

@@ -458,7 +458,7 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
     gaussian_kernels()   # built once per machine, loaded once per process: not part of a fit
     kernel_seconds = time.perf_counter() - tick
     # Paddle's OpenMP threads spin for KMP_BLOCKTIME (200 ms) after the embedding pass; timed
-    # right away, the Gram updates shared the 2 cores with them (16 ms a batch instead of 9)
+    # right away, the Gram updates would share the 2 cores with them
     time.sleep(0.3)
     train_batches = tensor_batches(train, batch_size)
     tick = time.perf_counter()

@@ -31,7 +31,6 @@
 #define PACKED_H(i, j) ((((i) * ((i) + 1)) / 2 + (j)) * HALF)
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
-typedef double vd __attribute__((vector_size(LANES * sizeof(double)), aligned(8)));
 /* The factorisations work on 8 lanes at a time: 8 doubles fill one 512-bit register, while GCC
  * keeps a 16-double vector (no such machine mode) in memory. */
 #define HALF 8
@@ -40,8 +39,6 @@ typedef float vq __attribute__((vector_size(HALF * sizeof(float)), aligned(4)));
 
 static inline vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vd load_d(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
-static inline void store_d(double *p, vd v) { memcpy(p, &v, sizeof v); }
 static inline vh load_h(const double *p) { return *(const vh *)p; }
 static inline void store_h(double *p, vh v) { *(vh *)p = v; }
 static inline vq load_q(const float *p) { vq v; memcpy(&v, p, sizeof v); return v; }
@@ -107,8 +104,7 @@ int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t position
                 store_f(xc + (b * d + i) * LANES, v);
                 total += v;
             }
-            const vd previous = first ? (vd){0} : load_d(s + i * LANES);
-            store_d(s + i * LANES, previous + __builtin_convertvector(total, vd));
+            for (int l = 0; l < LANES; l++) s[i * LANES + l] = (first ? 0.0 : s[i * LANES + l]) + (double)total[l];
         }
         float *g = gram + block * d * d * LANES;
         for (int64_t i0 = 0; i0 < d; i0 += TILE)
