@@ -127,7 +127,7 @@ class GaussianFit:
             self._shift = first.mean(axis=0)     # [d, P]; any value near the mean keeps float32 accurate
             # no zeroing pass: the first update writes the sums
             self._sum = np.empty((blocks, d, self._kernels.lanes), dtype=np.float64)
-            self._gram = populated_empty((blocks * self._kernels.lanes, d, d), np.float32)
+            self._gram = mapped_empty((blocks * self._kernels.lanes, d, d), np.float32)
             self._chunks = _even_slices(blocks, 4 * self.threads)
             return
         step = max(1, min(64, self.chunk_bytes // (d * d * 4)))
@@ -239,19 +239,25 @@ class GaussianFit:
         return mean.astype(np.float32), gram[:positions]
 
 
-def populated_empty(shape, dtype, min_bytes: int = 16 << 20) -> np.ndarray:
-    """``np.empty`` for a large array whose pages the kernel maps at once (an anonymous mmap with
-    MAP_POPULATE, one system call) instead of one page fault per 4 KiB on first touch: faulting
-    the fit's 125 MB Gram array page by page made its first batch several times slower than the
-    others. Falls back to np.empty off Linux."""
+def mapped_empty(shape, dtype, min_bytes: int = 16 << 20) -> np.ndarray:
+    """``np.empty`` for a large array in an anonymous mapping advised to use 2 MiB pages
+    (MADV_HUGEPAGE). Its pages are not mapped yet: the first Gram update maps each thread's slice
+    in one system call (gaussian.c's populate), so both cores zero pages at once. Faulting the fit's
+    125 MB Gram array in 4 KiB pages, one fault each, made its first batch several times slower
+    than the others; mapping it in 4 KiB pages up front still cost most of a batch. Falls back to
+    np.empty off Linux or where the kernel refuses."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if populate is None or nbytes < min_bytes:
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    if anonymous is None or nbytes < min_bytes:
         return np.empty(shape, dtype=dtype)
     try:
-        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | anonymous)
     except (OSError, ValueError):
         return np.empty(shape, dtype=dtype)
+    try:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):   # no transparent huge pages: 4 KiB pages then
+        pass
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
@@ -362,28 +368,56 @@ def mahalanobis_positions_first(embeddings: paddle.Tensor, mean: paddle.Tensor,
     return paddle.sqrt((whitened * whitened).sum(axis=2)).transpose([1, 0])
 
 
+def whitening_rows(whitening: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The zero structure of [P, d, d] whitening matrices for models/native's scoring: (order,
+    first_column), the rows sorted by the first column that holds a non-zero at any position.
+    A fit's L⁻ᵀ is upper triangular (a model's rows are permuted into grouped order), so about
+    40% of the products are of zeros the scoring can skip. One pass over the matrices (half of
+    them for triangular ones): compute once per model, not per batch. None without the kernels."""
+    kernels = gaussian_kernels()
+    if kernels is None:
+        return None
+    whitening = np.ascontiguousarray(whitening, dtype=np.float32)
+    positions, d, _ = whitening.shape
+    support = {}
+
+    def work(start, stop):
+        first = np.full(d, d, dtype=np.int32)
+        kernels.row_support(whitening, start, stop, first)
+        support[start] = first
+
+    run_over_chunks(work, _even_slices(positions, threads or available_cpus()), threads or available_cpus())
+    first = np.min(list(support.values()), axis=0)
+    order = np.argsort(first, kind="stable").astype(np.int32)
+    return order, np.ascontiguousarray(first[order])
+
+
 def mahalanobis_host(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray,
-                     threads: int | None = None, chunk_positions: int = 64) -> np.ndarray:
+                     threads: int | None = None, chunk_positions: int = 64,
+                     rows: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``mahalanobis_positions_first`` on the host for the CPU: [P, B, d] float32 -> [B, P]
     float32, the positions split over threads: models/native's kernel, else NumPy's batched
     matmul. Paddle's eager batched matmul is several times slower on the CPU for these many
-    small products."""
+    small products. ``rows``: ``whitening_rows(whitening)``, so the kernel skips the zeros of
+    triangular whitening matrices (None: treated as dense)."""
     positions, batch, _ = embeddings.shape
-    chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
+    threads = threads or available_cpus()
     kernels = gaussian_kernels()
     if kernels is not None:
         embeddings, mean, whitening = (np.ascontiguousarray(a, dtype=np.float32) for a in (embeddings, mean, whitening))
         out = np.empty((batch, positions), dtype=np.float32)
-        run_over_chunks(lambda start, stop: kernels.mahalanobis(embeddings, mean, whitening, out, start, stop),
-                        chunks, threads or available_cpus())
+        # few large slices: each one costs a thread hand-off and a position without prefetching
+        run_over_chunks(lambda start, stop: kernels.mahalanobis(embeddings, mean, whitening, out, start, stop, rows),
+                        _even_slices(positions, 2 * threads), threads)
         return out
+    chunks = [(s, min(s + chunk_positions, positions)) for s in range(0, positions, chunk_positions)]
     distances = np.empty((positions, batch), dtype=np.float32)
 
     def work(start, stop):
         whitened = np.matmul(embeddings[start:stop] - mean[start:stop, None, :], whitening[start:stop])
         np.sqrt(np.einsum("pbd,pbd->pb", whitened, whitened), out=distances[start:stop])
 
-    run_over_chunks(work, chunks, threads or available_cpus())
+    run_over_chunks(work, chunks, threads)
     return np.ascontiguousarray(distances.T)
 
 
@@ -511,6 +545,7 @@ class PaDiM(nn.Layer):
         self.register_buffer("whitening", self._device_tensor(whitening))
         # on the CPU, eager scoring runs in NumPy on the same memory (None on a GPU)
         self._host_gaussian = tuple(self._host_arrays) if self._host_arrays else None
+        self._whitening_rows = None   # the whitening's zero structure, found at the first host scoring
         rows, cols_t = smoothing_pair(self.feature_grid, self.image_size, sigma)
         self.register_buffer("row_smoothing", rows)
         self.register_buffer("col_smoothing_t", cols_t)
@@ -538,7 +573,10 @@ class PaDiM(nn.Layer):
         """[P, B, d] embeddings -> [B, P] Mahalanobis distances."""
         if self.host_scoring():
             mean, whitening = self._host_gaussian
-            return paddle.to_tensor(mahalanobis_host(host_array(embeddings), mean, whitening))
+            if self._whitening_rows is None:       # once per model: a pass over the matrices
+                self._whitening_rows = whitening_rows(whitening)
+            return paddle.to_tensor(mahalanobis_host(host_array(embeddings), mean, whitening,
+                                                     rows=self._whitening_rows))
         return mahalanobis_positions_first(embeddings, self.mean, self.whitening)
 
     def smooth(self, distances: paddle.Tensor) -> paddle.Tensor:

@@ -76,3 +76,51 @@ def test_a_folder_others_can_write_is_not_used(tmp_path):
     private = tmp_path / "private"
     native._check_private(private)            # created 0700: fine
     assert private.stat().st_mode & 0o077 == 0
+
+
+def _distances_float64(test, mean, whitening):
+    whitened = np.einsum("pbi,pij->pbj", test.astype(np.float64) - mean[:, None, :], whitening.astype(np.float64))
+    return np.sqrt((whitened ** 2).sum(axis=2)).T
+
+
+@pytest.mark.parametrize("d", [5, 16, 37, 100])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_scoring_skips_only_zeros_of_permuted_triangles(tmp_path, d, batch):
+    """Triangular whitening with rows permuted (what a model holds): the row structure found by
+    row_support, then the distances with and without it, against float64 einsum. d = 5 pads the
+    columns, 37 and 100 end on an overlapping block of 16, 16 has no remainder."""
+    needs_compiler()
+    kernels = native.load_kernels(directory=tmp_path)
+    rng = np.random.default_rng(d + batch)
+    positions = 7
+    permutation = rng.permutation(d)
+    triangles = np.triu(rng.normal(size=(positions, d, d)) + 3).astype(np.float32)
+    whitening = np.ascontiguousarray(triangles[:, permutation, :])       # row i: triangle row permutation[i]
+    first = np.full(d, d, dtype=np.int32)
+    kernels.row_support(whitening, 0, 3, first)
+    kernels.row_support(whitening, 3, positions, first)                 # chunks lower the same array
+    np.testing.assert_array_equal(first, permutation)
+    order = np.argsort(first, kind="stable").astype(np.int32)
+    test = rng.normal(size=(positions, batch, d)).astype(np.float32)
+    mean = rng.normal(size=(positions, d)).astype(np.float32)
+    expected = _distances_float64(test, mean, whitening)
+    for rows in [(order, first[order]), None]:
+        out = np.full((batch, positions), np.nan, dtype=np.float32)
+        kernels.mahalanobis(test, mean, whitening, out, 0, 4, rows)
+        kernels.mahalanobis(test, mean, whitening, out, 4, positions, rows)
+        np.testing.assert_allclose(out, expected, rtol=2e-5)
+
+
+def test_row_support_sees_a_single_entry_at_one_position_and_nan(tmp_path):
+    needs_compiler()
+    kernels = native.load_kernels(directory=tmp_path)
+    d, positions = 40, 5
+    whitening = np.zeros((positions, d, d), dtype=np.float32)
+    whitening[:, np.arange(d), np.arange(d) // 2 + d // 2] = 1.0   # row i starts at column i // 2 + 20
+    whitening[3, 7, 2] = -1e-30                                     # one tiny entry at one position
+    whitening[1, 30, 0] = np.nan
+    first = np.full(d, d, dtype=np.int32)
+    kernels.row_support(whitening, 0, positions, first)
+    expected = np.arange(d) // 2 + d // 2
+    expected[7], expected[30] = 2, 0
+    np.testing.assert_array_equal(first, expected)

@@ -213,10 +213,34 @@ def test_fits_above_the_kernels_d_limit_take_the_numpy_path(monkeypatch):
     np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
 
 
-def test_populated_empty_is_a_writable_array_of_the_shape():
-    from models.padim import populated_empty
+def test_mapped_empty_is_a_writable_array_of_the_shape():
+    from models.padim import mapped_empty
 
-    array = populated_empty((3, 4, 5), np.float32, min_bytes=0)
+    array = mapped_empty((3, 4, 5), np.float32, min_bytes=0)
     assert array.shape == (3, 4, 5) and array.dtype == np.float32 and array.flags.c_contiguous
+    assert array.flags.writeable
     array[...] = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
     np.testing.assert_array_equal(array.sum(axis=(1, 2)), [190, 590, 990])
+
+
+def test_whitening_rows_of_a_model_order_triangle():
+    """A fit's triangles with rows permuted, as PaDiM holds them: the structure lists every row
+    by its first non-zero column, and the scoring with it equals the dense float64 distances."""
+    import models.padim as padim
+
+    rng = np.random.default_rng(8)
+    positions, d, batch = 50, 23, 3
+    permutation = rng.permutation(d)
+    whitening = np.ascontiguousarray(np.triu(rng.normal(size=(positions, d, d)) + 2)[:, permutation].astype(np.float32))
+    rows = padim.whitening_rows(whitening, threads=2)
+    if padim.gaussian_kernels() is None:                      # the NumPy path needs no structure
+        assert rows is None
+        return
+    order, first_column = rows
+    np.testing.assert_array_equal(first_column, np.arange(d))
+    np.testing.assert_array_equal(permutation[order], np.arange(d))
+    test = rng.normal(size=(positions, batch, d)).astype(np.float32)
+    mean = rng.normal(size=(positions, d)).astype(np.float32)
+    centred = test.astype(np.float64) - mean[:, None, :]
+    expected = np.sqrt((np.einsum("pbi,pij->pbj", centred, whitening.astype(np.float64)) ** 2).sum(axis=2)).T
+    np.testing.assert_allclose(mahalanobis_host(test, mean, whitening, threads=2, rows=rows), expected, rtol=2e-5)

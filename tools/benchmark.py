@@ -428,10 +428,12 @@ def tensor_batches(embeddings: np.ndarray, batch_size: int = BATCH) -> list:
 
 def vectorised_score(test: list, mean, whitening) -> np.ndarray:
     """The eager CPU scoring of PaDiM.distances (models.padim.mahalanobis_host) per batch of
-    [P, B, d] embeddings, the layout PaDiM.forward produces them in -> [M, P]."""
-    from models.padim import mahalanobis_host
+    [P, B, d] embeddings, the layout PaDiM.forward produces them in -> [M, P]; like a model, it
+    first finds the whitening's zero structure (models.padim.whitening_rows), once."""
+    from models.padim import mahalanobis_host, whitening_rows
 
-    return np.concatenate([mahalanobis_host(batch, mean, whitening) for batch in test])
+    rows = whitening_rows(whitening)
+    return np.concatenate([mahalanobis_host(batch, mean, whitening, rows=rows) for batch in test])
 
 
 def positions_first_batches(embeddings: np.ndarray, batch_size: int = BATCH) -> list:
@@ -503,11 +505,12 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
 def streaming_traffic(n_train: int, n_test: int, d: int, positions: int, batch_size: int = BATCH) -> int:
     """Bytes the streaming Gaussian stage must move through memory at least: per training batch
     its embeddings read and the packed Gram triangles read and written; finalize reads them and
-    writes the [P, d, d] whitening; each test batch reads its embeddings and the whole whitening."""
+    writes the [P, d, d] whitening; the scoring reads the whitening's triangles once to find its
+    zero structure, then each test batch reads its embeddings and those triangles."""
     triangle, square = positions * d * (d + 1) // 2 * 4, positions * d * d * 4
     train_batches, test_batches = -(-n_train // batch_size), -(-n_test // batch_size)
     return int(n_train * d * positions * 4 + train_batches * 2 * triangle + triangle + square
-               + n_test * d * positions * 4 + test_batches * square)
+               + triangle + n_test * d * positions * 4 + test_batches * triangle)
 
 
 def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 5) -> float:

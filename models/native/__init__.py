@@ -44,8 +44,11 @@ class GaussianKernels:
         self._whitening.argtypes = [pointer, pointer, i64, i64, i64, ctypes.c_double, i64, i64, pointer]
         self._whitening.restype = i64
         self._mahalanobis = library.padim_mahalanobis
-        self._mahalanobis.argtypes = [pointer, pointer, pointer, i64, i64, i64, i64, i64, pointer]
+        self._mahalanobis.argtypes = [pointer, pointer, pointer, i64, i64, i64, i64, i64, pointer, pointer, pointer]
         self._mahalanobis.restype = ctypes.c_int
+        self._row_support = library.padim_row_support
+        self._row_support.argtypes = [pointer, i64, i64, i64, pointer]
+        self._row_support.restype = None
 
     def blocks(self, positions: int) -> int:
         return -(-int(positions) // self.lanes)
@@ -72,13 +75,26 @@ class GaussianKernels:
 
 
     def mahalanobis(self, embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, out: np.ndarray,
-                    start: int, stop: int) -> None:
+                    start: int, stop: int, rows: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Distances of positions [start, stop) into out [B, P]: embeddings [P, B, d], mean
-        [P, d], whitening [P, d, d] upper triangular (float32, C order)."""
+        [P, d], whitening [P, d, d] (float32, C order). ``rows``: (order, first_column) of the
+        whitening from models.padim.whitening_rows, which lets the products skip its zero blocks; None
+        treats it as dense."""
         positions, batch, d = embeddings.shape
+        if rows is None:
+            rows = np.arange(d, dtype=np.int32), np.zeros(d, dtype=np.int32)
+        order, first_column = (np.ascontiguousarray(a, dtype=np.int32) for a in rows)
+        if order.shape != (d,) or first_column.shape != (d,):
+            raise ValueError(f"row structure of {order.shape} rows for whitening rows of {d}")
         if self._mahalanobis(embeddings.ctypes.data, mean.ctypes.data, whitening.ctypes.data, batch, d, positions,
-                             start, stop, out.ctypes.data) != 0:
+                             start, stop, order.ctypes.data, first_column.ctypes.data, out.ctypes.data) != 0:
             raise MemoryError("no memory for the scoring's scratch buffer")
+
+    def row_support(self, whitening: np.ndarray, start: int, stop: int, first: np.ndarray) -> None:
+        """Lower first [d] (int32) to the first column of each whitening row holding a non-zero
+        or NaN at positions [start, stop)."""
+        _, d, _ = whitening.shape
+        self._row_support(whitening.ctypes.data, d, start, stop, first.ctypes.data)
 
 
 def kernel_status() -> str:
@@ -217,3 +233,19 @@ def _self_check(kernels: GaussianKernels) -> None:
     expected = np.sqrt(np.einsum("pbi,pij,pbj->bp", centred, np.linalg.inv(np.linalg.inv(expected)), centred))
     if not np.allclose(distances, expected, rtol=1e-4):
         raise KernelError(f"{kernels.path} failed its check against NumPy (scoring)")
+    # whole vectors of columns (d >= 16, the last block overlapping), rows permuted and skipped
+    d, batch, positions = 21, 9, 3
+    triangular = np.triu(rng.normal(size=(positions, d, d))).astype(np.float32)
+    permutation = rng.permutation(d)
+    whitening = np.ascontiguousarray(triangular[:, permutation, :])    # row i: triangle row permutation[i]
+    first = np.full(d, d, dtype=np.int32)
+    kernels.row_support(whitening, 0, positions, first)
+    order = np.argsort(first, kind="stable").astype(np.int32)
+    test = rng.normal(size=(positions, batch, d)).astype(np.float32)
+    mean = rng.normal(size=(positions, d)).astype(np.float32)
+    distances = np.empty((batch, positions), dtype=np.float32)
+    kernels.mahalanobis(test, mean, whitening, distances, 0, positions, (order, first[order]))
+    whitened = np.einsum("pbi,pij->pbj", test.astype(np.float64) - mean[:, None, :], whitening.astype(np.float64))
+    if not (np.array_equal(first, permutation)
+            and np.allclose(distances, np.sqrt((whitened ** 2).sum(axis=2)).T, rtol=1e-4)):
+        raise KernelError(f"{kernels.path} failed its check against NumPy (structured scoring)")

@@ -23,6 +23,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23   /* Linux 5.14 */
+#endif
+#endif
 
 #define LANES 16
 #define TILE 4
@@ -31,6 +38,7 @@
 #define PACKED_H(i, j) ((((i) * ((i) + 1)) / 2 + (j)) * HALF)
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 /* The factorisations work on 8 lanes at a time: 8 doubles fill one 512-bit register, while GCC
  * keeps a 16-double vector (no such machine mode) in memory. */
 #define HALF 8
@@ -50,6 +58,11 @@ int padim_lanes(void) { return LANES; }
 static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0, int first)
 {
     const int diagonal = i0 == j0;
+    /* the Gram entries two tiles along: each row of a tile row is a contiguous stream, which the
+     * hardware prefetchers left to stall on every tile's first loads */
+    for (int r = 0; r < TILE; r++)
+        for (int c = 0; c < TILE; c++)
+            __builtin_prefetch(g + PACKED(i0 + r, j0 + 2 * TILE + c), 1, 3);
     vf acc[TILE][TILE];
     for (int r = 0; r < TILE; r++)
         for (int c = 0; c < TILE; c++)
@@ -80,6 +93,23 @@ static void gram_edge(float *g, const float *xc, int64_t batch, int64_t d, int64
         }
 }
 
+/* Map the pages of [start, start + bytes) before the first batch's stores, one system call per
+ * thread and slice: the kernel then zeroes them in one go (in 2 MiB pages where the array was
+ * mapped with MADV_HUGEPAGE) instead of taking a fault per page. Pages are only mapped, never
+ * changed, so rounding the range out to whole pages is harmless. Without the advice (older
+ * kernels, not Linux) the stores fault the pages as before. */
+static void populate(void *start, size_t bytes)
+{
+#ifdef __linux__
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = (uintptr_t)start & ~(page - 1), hi = ((uintptr_t)start + bytes + page - 1) & ~(page - 1);
+    (void)madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE);
+#else
+    (void)start;
+    (void)bytes;
+#endif
+}
+
 /* Add one batch to blocks [block0, block1); ``first``: the arrays hold no sums yet (they may be
  * uninitialised memory: the first batch writes instead of adding, so the fit never zeroes the
  * Gram array first). Returns 0, or -1 if the scratch could not be allocated. */
@@ -88,23 +118,23 @@ int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t position
 {
     float *xc = aligned_alloc(64, (size_t)(batch * d * LANES * sizeof(float) + 64));
     if (!xc) return -1;
+    if (first) populate(gram + block0 * d * d * LANES, (size_t)((block1 - block0) * d * d * LANES) * sizeof(float));
     for (int64_t block = block0; block < block1; block++) {
         const int64_t p0 = block * LANES;
         const int64_t lanes = positions - p0 < LANES ? positions - p0 : LANES;
-        double *s = sums + block * d * LANES;
         for (int64_t i = 0; i < d; i++) {
             const float *sh = shift + i * positions + p0;
             vf total = {0};
             for (int64_t b = 0; b < batch; b++) {
                 const float *src = x + (b * d + i) * positions + p0;
-                /* the next block's 64 bytes of this row: fetched now, used after this block's tiles */
-                if (block + 1 < block1) __builtin_prefetch(src + LANES);
                 vf v;
-                for (int64_t l = 0; l < LANES; l++) v[l] = l < lanes ? src[l] - sh[l] : 0.0f;
+                if (lanes == LANES) v = load_f(src) - load_f(sh);   /* a per-lane loop here cost more than the tiles */
+                else for (int64_t l = 0; l < LANES; l++) v[l] = l < lanes ? src[l] - sh[l] : 0.0f;
                 store_f(xc + (b * d + i) * LANES, v);
                 total += v;
             }
-            for (int l = 0; l < LANES; l++) s[i * LANES + l] = (first ? 0.0 : s[i * LANES + l]) + (double)total[l];
+            double *s = sums + (block * d + i) * LANES;
+            for (int l = 0; l < LANES; l++) s[l] = (first ? 0.0 : s[l]) + (double)total[l];
         }
         float *g = gram + block * d * d * LANES;
         for (int64_t i0 = 0; i0 < d; i0 += TILE)
@@ -117,151 +147,280 @@ int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t position
     return 0;
 }
 
-/* Column j of the Cholesky factor needs sum_k L[j][k]^2: its pivot. Returns the first lane
- * (below ``lanes``) that is not positive (or NaN), else -1; padding lanes get 1. */
-static int pivot(double *a, double *inv_diag, int64_t j, int lanes)
+/* A pivot: its root and reciprocal, or the first lane (below ``lanes``) that is not positive
+ * (or NaN); padding lanes get 1. */
+static inline int take_pivot(vh value, int lanes, vh *root, vh *inverse)
 {
-    const double *row_j = a + PACKED_H(j, 0);
-    vh diag = load_h(a + PACKED_H(j, j));
-    for (int64_t k = 0; k < j; k++) {
-        const vh ljk = load_h(row_j + k * HALF);
-        diag -= ljk * ljk;
-    }
     for (int l = 0; l < lanes; l++)
-        if (!(diag[l] > 0.0)) return l;
-    for (int l = lanes; l < HALF; l++) diag[l] = 1.0;
-    vh root;
-    for (int l = 0; l < HALF; l++) root[l] = sqrt(diag[l]);
-    store_h(a + PACKED_H(j, j), root);
-    store_h(inv_diag + j * HALF, 1.0 / root);
+        if (!(value[l] > 0.0)) return l;
+    for (int l = lanes; l < HALF; l++) value[l] = 1.0;
+    for (int l = 0; l < HALF; l++) (*root)[l] = sqrt(value[l]);
+    *inverse = 1.0 / *root;
     return -1;
 }
 
-/* In-place Cholesky (dot-product form) of the packed lower triangle ``a``, two columns at a time:
- * four rows share each load of rows j and j + 1, eight sums per k from six loads. */
+/* Column j alone (the last d % 4 columns): pivot, then L[i][j] for every row below. */
+static int cholesky_column(double *a, double *inv_diag, int64_t d, int64_t j, int lanes)
+{
+    const double *row_j = a + PACKED_H(j, 0);
+    vh diag = load_h(a + PACKED_H(j, j));
+    for (int64_t k = 0; k < j; k++) diag -= load_h(row_j + k * HALF) * load_h(row_j + k * HALF);
+    vh root, inv;
+    const int bad = take_pivot(diag, lanes, &root, &inv);
+    if (bad >= 0) return bad;
+    store_h(a + PACKED_H(j, j), root);
+    store_h(inv_diag + j * HALF, inv);
+    for (int64_t i = j + 1; i < d; i++) {
+        const double *ri = a + PACKED_H(i, 0);
+        vh t = load_h(ri + j * HALF);
+        for (int64_t k = 0; k < j; k++) t -= load_h(ri + k * HALF) * load_h(row_j + k * HALF);
+        store_h(a + PACKED_H(i, j), t * inv);
+    }
+    return -1;
+}
+
+/* In-place Cholesky (dot-product form) of the packed lower triangle ``a``, four columns at a
+ * time: the 4 x 4 diagonal block first, then four rows at a time, sixteen sums per k from eight
+ * loads (the panel's four rows stay in L1 while the rows below stream from L2). Returns the
+ * first lane (below ``lanes``) whose matrix is not positive definite, else -1. */
 static int cholesky_lanes(double *a, double *inv_diag, int64_t d, int lanes)
 {
     int64_t j = 0;
-    for (; j + 2 <= d; j += 2) {
-        int bad = pivot(a, inv_diag, j, lanes);
-        if (bad >= 0) return bad;
-        const vh inv0 = load_h(inv_diag + j * HALF);
-        const double *row0 = a + PACKED_H(j, 0), *row1 = a + PACKED_H(j + 1, 0);
-        {   /* L[j+1][j], then the pivot of column j + 1 */
-            vh t = load_h(row1 + j * HALF);
-            for (int64_t k = 0; k < j; k++) t -= load_h(row1 + k * HALF) * load_h(row0 + k * HALF);
-            store_h(a + PACKED_H(j + 1, j), t * inv0);
+    for (; j + 4 <= d; j += 4) {
+        const double *u0 = a + PACKED_H(j, 0), *u1 = a + PACKED_H(j + 1, 0);
+        const double *u2 = a + PACKED_H(j + 2, 0), *u3 = a + PACKED_H(j + 3, 0);
+        vh t00 = load_h(u0 + j * HALF);
+        vh t10 = load_h(u1 + j * HALF), t11 = load_h(u1 + (j + 1) * HALF);
+        vh t20 = load_h(u2 + j * HALF), t21 = load_h(u2 + (j + 1) * HALF), t22 = load_h(u2 + (j + 2) * HALF);
+        vh t30 = load_h(u3 + j * HALF), t31 = load_h(u3 + (j + 1) * HALF), t32 = load_h(u3 + (j + 2) * HALF);
+        vh t33 = load_h(u3 + (j + 3) * HALF);
+        for (int64_t k = 0; k < j; k++) {
+            const vh v0 = load_h(u0 + k * HALF), v1 = load_h(u1 + k * HALF);
+            const vh v2 = load_h(u2 + k * HALF), v3 = load_h(u3 + k * HALF);
+            t00 -= v0 * v0;
+            t10 -= v1 * v0; t11 -= v1 * v1;
+            t20 -= v2 * v0; t21 -= v2 * v1; t22 -= v2 * v2;
+            t30 -= v3 * v0; t31 -= v3 * v1; t32 -= v3 * v2; t33 -= v3 * v3;
         }
-        bad = pivot(a, inv_diag, j + 1, lanes);
+        vh l00, i0, l11, i1, l22, i2, l33, i3;
+        int bad = take_pivot(t00, lanes, &l00, &i0);
         if (bad >= 0) return bad;
-        const vh inv1 = load_h(inv_diag + (j + 1) * HALF);
-        const vh l10 = load_h(row1 + j * HALF);
-        int64_t i = j + 2;
-        for (; i + 4 <= d; i += 4) {
-            /* named accumulators, not arrays: GCC kept arrays of these on the stack */
-            const double *r0 = a + PACKED_H(i, 0), *r1 = a + PACKED_H(i + 1, 0);
-            const double *r2 = a + PACKED_H(i + 2, 0), *r3 = a + PACKED_H(i + 3, 0);
-            vh s00 = load_h(r0 + j * HALF), s01 = load_h(r0 + (j + 1) * HALF);
-            vh s10 = load_h(r1 + j * HALF), s11 = load_h(r1 + (j + 1) * HALF);
-            vh s20 = load_h(r2 + j * HALF), s21 = load_h(r2 + (j + 1) * HALF);
-            vh s30 = load_h(r3 + j * HALF), s31 = load_h(r3 + (j + 1) * HALF);
-            for (int64_t k = 0; k < j; k++) {
-                const vh u0 = load_h(row0 + k * HALF), u1 = load_h(row1 + k * HALF);
-                const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
-                const vh v2 = load_h(r2 + k * HALF), v3 = load_h(r3 + k * HALF);
-                s00 -= v0 * u0; s01 -= v0 * u1;
-                s10 -= v1 * u0; s11 -= v1 * u1;
-                s20 -= v2 * u0; s21 -= v2 * u1;
-                s30 -= v3 * u0; s31 -= v3 * u1;
-            }
-            const vh l0 = s00 * inv0, l1 = s10 * inv0, l2 = s20 * inv0, l3 = s30 * inv0;
-            store_h(a + PACKED_H(i, j), l0);
-            store_h(a + PACKED_H(i + 1, j), l1);
-            store_h(a + PACKED_H(i + 2, j), l2);
-            store_h(a + PACKED_H(i + 3, j), l3);
-            store_h(a + PACKED_H(i, j + 1), (s01 - l0 * l10) * inv1);
-            store_h(a + PACKED_H(i + 1, j + 1), (s11 - l1 * l10) * inv1);
-            store_h(a + PACKED_H(i + 2, j + 1), (s21 - l2 * l10) * inv1);
-            store_h(a + PACKED_H(i + 3, j + 1), (s31 - l3 * l10) * inv1);
-        }
+        const vh l10 = t10 * i0, l20 = t20 * i0, l30 = t30 * i0;
+        if ((bad = take_pivot(t11 - l10 * l10, lanes, &l11, &i1)) >= 0) return bad;
+        const vh l21 = (t21 - l20 * l10) * i1, l31 = (t31 - l30 * l10) * i1;
+        if ((bad = take_pivot(t22 - l20 * l20 - l21 * l21, lanes, &l22, &i2)) >= 0) return bad;
+        const vh l32 = (t32 - l30 * l20 - l31 * l21) * i2;
+        if ((bad = take_pivot(t33 - l30 * l30 - l31 * l31 - l32 * l32, lanes, &l33, &i3)) >= 0) return bad;
+        store_h(a + PACKED_H(j, j), l00);
+        store_h(a + PACKED_H(j + 1, j), l10); store_h(a + PACKED_H(j + 1, j + 1), l11);
+        store_h(a + PACKED_H(j + 2, j), l20); store_h(a + PACKED_H(j + 2, j + 1), l21);
+        store_h(a + PACKED_H(j + 2, j + 2), l22);
+        store_h(a + PACKED_H(j + 3, j), l30); store_h(a + PACKED_H(j + 3, j + 1), l31);
+        store_h(a + PACKED_H(j + 3, j + 2), l32); store_h(a + PACKED_H(j + 3, j + 3), l33);
+        store_h(inv_diag + j * HALF, i0); store_h(inv_diag + (j + 1) * HALF, i1);
+        store_h(inv_diag + (j + 2) * HALF, i2); store_h(inv_diag + (j + 3) * HALF, i3);
+        int64_t i = j + 4;
         for (; i < d; i++) {
+            /* four rows at once where four remain; the sums of a row r use L[r][k] for k < j */
+            if (i + 4 <= d) {
+                const double *r0 = a + PACKED_H(i, 0), *r1 = a + PACKED_H(i + 1, 0);
+                const double *r2 = a + PACKED_H(i + 2, 0), *r3 = a + PACKED_H(i + 3, 0);
+                /* named accumulators, not arrays: GCC kept arrays of these on the stack */
+                vh s00 = load_h(r0 + j * HALF), s01 = load_h(r0 + (j + 1) * HALF);
+                vh s02 = load_h(r0 + (j + 2) * HALF), s03 = load_h(r0 + (j + 3) * HALF);
+                vh s10 = load_h(r1 + j * HALF), s11 = load_h(r1 + (j + 1) * HALF);
+                vh s12 = load_h(r1 + (j + 2) * HALF), s13 = load_h(r1 + (j + 3) * HALF);
+                vh s20 = load_h(r2 + j * HALF), s21 = load_h(r2 + (j + 1) * HALF);
+                vh s22 = load_h(r2 + (j + 2) * HALF), s23 = load_h(r2 + (j + 3) * HALF);
+                vh s30 = load_h(r3 + j * HALF), s31 = load_h(r3 + (j + 1) * HALF);
+                vh s32 = load_h(r3 + (j + 2) * HALF), s33 = load_h(r3 + (j + 3) * HALF);
+                for (int64_t k = 0; k < j; k++) {
+                    const vh p0 = load_h(u0 + k * HALF), p1 = load_h(u1 + k * HALF);
+                    const vh p2 = load_h(u2 + k * HALF), p3 = load_h(u3 + k * HALF);
+                    vh v = load_h(r0 + k * HALF);
+                    s00 -= v * p0; s01 -= v * p1; s02 -= v * p2; s03 -= v * p3;
+                    v = load_h(r1 + k * HALF);
+                    s10 -= v * p0; s11 -= v * p1; s12 -= v * p2; s13 -= v * p3;
+                    v = load_h(r2 + k * HALF);
+                    s20 -= v * p0; s21 -= v * p1; s22 -= v * p2; s23 -= v * p3;
+                    v = load_h(r3 + k * HALF);
+                    s30 -= v * p0; s31 -= v * p1; s32 -= v * p2; s33 -= v * p3;
+                }
+#define PANEL_ROW(row, s0, s1, s2, s3)                                                           \
+                {                                                                                \
+                    const vh x0 = s0 * i0, x1 = (s1 - x0 * l10) * i1;                            \
+                    const vh x2 = (s2 - x0 * l20 - x1 * l21) * i2;                               \
+                    const vh x3 = (s3 - x0 * l30 - x1 * l31 - x2 * l32) * i3;                    \
+                    store_h(a + PACKED_H(row, j), x0); store_h(a + PACKED_H(row, j + 1), x1);    \
+                    store_h(a + PACKED_H(row, j + 2), x2); store_h(a + PACKED_H(row, j + 3), x3); \
+                }
+                PANEL_ROW(i, s00, s01, s02, s03)
+                PANEL_ROW(i + 1, s10, s11, s12, s13)
+                PANEL_ROW(i + 2, s20, s21, s22, s23)
+                PANEL_ROW(i + 3, s30, s31, s32, s33)
+                i += 3;
+                continue;
+            }
             const double *ri = a + PACKED_H(i, 0);
-            vh t0 = load_h(ri + j * HALF), t1 = load_h(ri + (j + 1) * HALF);
+            vh s0 = load_h(ri + j * HALF), s1 = load_h(ri + (j + 1) * HALF);
+            vh s2 = load_h(ri + (j + 2) * HALF), s3 = load_h(ri + (j + 3) * HALF);
             for (int64_t k = 0; k < j; k++) {
                 const vh v = load_h(ri + k * HALF);
-                t0 -= v * load_h(row0 + k * HALF);
-                t1 -= v * load_h(row1 + k * HALF);
+                s0 -= v * load_h(u0 + k * HALF); s1 -= v * load_h(u1 + k * HALF);
+                s2 -= v * load_h(u2 + k * HALF); s3 -= v * load_h(u3 + k * HALF);
             }
-            const vh lij = t0 * inv0;
-            store_h(a + PACKED_H(i, j), lij);
-            store_h(a + PACKED_H(i, j + 1), (t1 - lij * l10) * inv1);
+            PANEL_ROW(i, s0, s1, s2, s3)
+#undef PANEL_ROW
         }
     }
-    if (j < d) return pivot(a, inv_diag, j, lanes);   /* odd d: the last column is its pivot alone */
+    for (; j < d; j++) {
+        const int bad = cholesky_column(a, inv_diag, d, j, lanes);
+        if (bad >= 0) return bad;
+    }
     return -1;
 }
 
 /* X = L^-1 in place, row by row: X[i][j] = -X[i][i] sum_{k=j}^{i-1} L[i][k] X[k][j] (rows
- * k < i hold X already; row i is still L from column j on). Two rows and four columns at a time:
- * eight sums per k from six loads; row i + 1 also needs k = i, i.e. row i's new X[i][j]. */
+ * k < i hold X already; row i is still L from column j on). Four rows and four columns at a
+ * time, sixteen sums per k from eight loads; row i + r also needs k = i .. i + r - 1, the rows
+ * of its own group, added once their X is known. Rows past the last group of four go one by one. */
 static void invert_lanes(double *a, const double *inv_diag, int64_t d)
 {
     int64_t i = 0;
-    for (; i < d; i += 2) {
-        const int two = i + 1 < d;
-        double *r0 = a + PACKED_H(i, 0);
-        double *r1 = two ? a + PACKED_H(i + 1, 0) : r0;
-        const vh x00 = load_h(inv_diag + i * HALF);
-        const vh x11 = two ? load_h(inv_diag + (i + 1) * HALF) : x00;
-        const vh l10 = two ? load_h(r1 + i * HALF) : (vh){0};
-        int64_t j0 = 0;
-        for (; j0 + 4 <= i; j0 += 4) {
-            /* named accumulators, not arrays: GCC kept arrays of these on the stack */
+    for (; i + 4 <= d; i += 4) {
+        double *r0 = a + PACKED_H(i, 0), *r1 = a + PACKED_H(i + 1, 0);
+        double *r2 = a + PACKED_H(i + 2, 0), *r3 = a + PACKED_H(i + 3, 0);
+        const vh d0 = load_h(inv_diag + i * HALF), d1 = load_h(inv_diag + (i + 1) * HALF);
+        const vh d2 = load_h(inv_diag + (i + 2) * HALF), d3 = load_h(inv_diag + (i + 3) * HALF);
+        /* L's diagonal block of the group, still intact */
+        const vh l10 = load_h(r1 + i * HALF);
+        const vh l20 = load_h(r2 + i * HALF), l21 = load_h(r2 + (i + 1) * HALF);
+        const vh l30 = load_h(r3 + i * HALF), l31 = load_h(r3 + (i + 1) * HALF), l32 = load_h(r3 + (i + 2) * HALF);
+        for (int64_t j0 = 0; j0 < i; j0 += 4) {
             vh s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
-            for (int64_t k = j0; k < j0 + 3; k++) {          /* X[k][j] = 0 for j > k */
+            vh s20 = {0}, s21 = {0}, s22 = {0}, s23 = {0}, s30 = {0}, s31 = {0}, s32 = {0}, s33 = {0};
+            for (int64_t k = j0; k < j0 + 3; k++) {          /* X[k][j] = 0 for j > k: not stored */
                 const double *rk = a + PACKED_H(k, 0);
                 const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
+                const vh v2 = load_h(r2 + k * HALF), v3 = load_h(r3 + k * HALF);
                 const vh x0 = load_h(rk + j0 * HALF);
-                s00 += v0 * x0; s10 += v1 * x0;
-                if (k >= j0 + 1) { const vh x1 = load_h(rk + (j0 + 1) * HALF); s01 += v0 * x1; s11 += v1 * x1; }
-                if (k >= j0 + 2) { const vh x2 = load_h(rk + (j0 + 2) * HALF); s02 += v0 * x2; s12 += v1 * x2; }
+                s00 += v0 * x0; s10 += v1 * x0; s20 += v2 * x0; s30 += v3 * x0;
+                if (k >= j0 + 1) {
+                    const vh x1 = load_h(rk + (j0 + 1) * HALF);
+                    s01 += v0 * x1; s11 += v1 * x1; s21 += v2 * x1; s31 += v3 * x1;
+                }
+                if (k >= j0 + 2) {
+                    const vh x2 = load_h(rk + (j0 + 2) * HALF);
+                    s02 += v0 * x2; s12 += v1 * x2; s22 += v2 * x2; s32 += v3 * x2;
+                }
             }
             for (int64_t k = j0 + 3; k < i; k++) {
                 const double *rk = a + PACKED_H(k, j0);
-                const vh v0 = load_h(r0 + k * HALF), v1 = load_h(r1 + k * HALF);
                 const vh x0 = load_h(rk), x1 = load_h(rk + HALF), x2 = load_h(rk + 2 * HALF), x3 = load_h(rk + 3 * HALF);
-                s00 += v0 * x0; s01 += v0 * x1; s02 += v0 * x2; s03 += v0 * x3;
-                s10 += v1 * x0; s11 += v1 * x1; s12 += v1 * x2; s13 += v1 * x3;
+                vh v = load_h(r0 + k * HALF);
+                s00 += v * x0; s01 += v * x1; s02 += v * x2; s03 += v * x3;
+                v = load_h(r1 + k * HALF);
+                s10 += v * x0; s11 += v * x1; s12 += v * x2; s13 += v * x3;
+                v = load_h(r2 + k * HALF);
+                s20 += v * x0; s21 += v * x1; s22 += v * x2; s23 += v * x3;
+                v = load_h(r3 + k * HALF);
+                s30 += v * x0; s31 += v * x1; s32 += v * x2; s33 += v * x3;
             }
-            const vh x0 = -s00 * x00, x1 = -s01 * x00, x2 = -s02 * x00, x3 = -s03 * x00;
-            store_h(r0 + j0 * HALF, x0);
-            store_h(r0 + (j0 + 1) * HALF, x1);
-            store_h(r0 + (j0 + 2) * HALF, x2);
-            store_h(r0 + (j0 + 3) * HALF, x3);
-            if (two) {
-                store_h(r1 + j0 * HALF, -(s10 + l10 * x0) * x11);
-                store_h(r1 + (j0 + 1) * HALF, -(s11 + l10 * x1) * x11);
-                store_h(r1 + (j0 + 2) * HALF, -(s12 + l10 * x2) * x11);
-                store_h(r1 + (j0 + 3) * HALF, -(s13 + l10 * x3) * x11);
+#define GROUP_COLUMN(c, s0, s1, s2, s3)                                                          \
+            {                                                                                    \
+                const vh x0 = -s0 * d0, x1 = -(s1 + l10 * x0) * d1;                              \
+                const vh x2 = -(s2 + l20 * x0 + l21 * x1) * d2;                                  \
+                const vh x3 = -(s3 + l30 * x0 + l31 * x1 + l32 * x2) * d3;                       \
+                store_h(r0 + (j0 + c) * HALF, x0); store_h(r1 + (j0 + c) * HALF, x1);            \
+                store_h(r2 + (j0 + c) * HALF, x2); store_h(r3 + (j0 + c) * HALF, x3);            \
             }
+            GROUP_COLUMN(0, s00, s10, s20, s30)
+            GROUP_COLUMN(1, s01, s11, s21, s31)
+            GROUP_COLUMN(2, s02, s12, s22, s32)
+            GROUP_COLUMN(3, s03, s13, s23, s33)
+#undef GROUP_COLUMN
         }
-        for (int64_t j = j0; j < i; j++) {
-            vh t0 = {0}, t1 = {0};
-            for (int64_t k = j; k < i; k++) {
-                const vh xk = load_h(a + PACKED_H(k, j));
-                t0 += load_h(r0 + k * HALF) * xk;
-                t1 += load_h(r1 + k * HALF) * xk;
-            }
-            const vh xij = -t0 * x00;
-            store_h(r0 + j * HALF, xij);
-            if (two) store_h(r1 + j * HALF, -(t1 + l10 * xij) * x11);
-        }
-        store_h(r0 + i * HALF, x00);
-        if (two) {
-            store_h(r1 + i * HALF, -(l10 * x00) * x11);                /* X[i+1][i] */
-            store_h(r1 + (i + 1) * HALF, x11);
-        }
+        /* the group's own diagonal block: X = L^-1 of a 4 x 4 lower triangle */
+        const vh x10 = -(l10 * d0) * d1;
+        const vh x21 = -(l21 * d1) * d2, x20 = -(l20 * d0 + l21 * x10) * d2;
+        const vh x32 = -(l32 * d2) * d3, x31 = -(l31 * d1 + l32 * x21) * d3;
+        const vh x30 = -(l30 * d0 + l31 * x10 + l32 * x20) * d3;
+        store_h(r0 + i * HALF, d0);
+        store_h(r1 + i * HALF, x10); store_h(r1 + (i + 1) * HALF, d1);
+        store_h(r2 + i * HALF, x20); store_h(r2 + (i + 1) * HALF, x21); store_h(r2 + (i + 2) * HALF, d2);
+        store_h(r3 + i * HALF, x30); store_h(r3 + (i + 1) * HALF, x31); store_h(r3 + (i + 2) * HALF, x32);
+        store_h(r3 + (i + 3) * HALF, d3);
     }
+    for (; i < d; i++) {                     /* the last d % 4 rows */
+        double *ri = a + PACKED_H(i, 0);
+        const vh dii = load_h(inv_diag + i * HALF);
+        for (int64_t j = 0; j < i; j++) {
+            vh t = {0};
+            for (int64_t k = j; k < i; k++) t += load_h(ri + k * HALF) * load_h(a + PACKED_H(k, j));
+            store_h(ri + j * HALF, -t * dii);
+        }
+        store_h(ri + i * HALF, dii);
+    }
+}
+
+/* A 16 x 16 transpose in registers: after it t[l][q] holds what t[q][l] held. Four rounds;
+ * round b swaps bit b of the row and of the column index between each pair of rows b apart. */
+static inline void transpose16(vf t[LANES])
+{
+#define SWAP_BITS(b, lo, hi)                                                                     \
+    for (int i = 0; i < LANES; i++)                                                              \
+        if (!(i & (b))) {                                                                        \
+            const vf top = t[i], bottom = t[i + (b)];                                            \
+            t[i] = __builtin_shuffle(top, bottom, lo);                                           \
+            t[i + (b)] = __builtin_shuffle(top, bottom, hi);                                     \
+        }
+    typedef int32_t vm __attribute__((vector_size(LANES * sizeof(int32_t))));
+    /* column j of the upper row keeps j where bit b is 0, else takes the lower row's j - b;
+     * the lower row takes the upper row's j + b where bit b is 0, else keeps j */
+    SWAP_BITS(1, ((vm){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
+                 ((vm){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
+    SWAP_BITS(2, ((vm){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
+                 ((vm){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
+    SWAP_BITS(4, ((vm){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
+                 ((vm){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
+    SWAP_BITS(8, ((vm){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
+                 ((vm){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
+#undef SWAP_BITS
+}
+
+/* W = X^T as [LANES][d][d] float32 over the block's bytes: W_l[r][c] = X_l[c][r] for c >= r,
+ * else 0. X's lanes are contiguous per entry, W's are d * d apart, so sixteen entries of a
+ * column of X (all lanes) are transposed in registers into sixteen entries of a row of every W.
+ * Rows are written in whole vectors (the last one overlapping the one before it when d is not a
+ * multiple of 16): one entry at a time, or with memset/memcpy for the edges, this step cost as
+ * much as the factorisation. */
+static void write_whitening(float *g, double *const halves[2], int64_t d)
+{
+    if (d < LANES) {
+        for (int64_t l = 0; l < LANES; l++)
+            for (int64_t r = 0; r < d; r++)
+                for (int64_t c = 0; c < d; c++)
+                    g[(l * d + r) * d + c] = c < r ? 0.0f : (float)halves[l / HALF][PACKED_H(c, r) + l % HALF];
+        return;
+    }
+    for (int64_t r = 0; r < d; r++)
+        for (int64_t c0 = 0; c0 < d; c0 += LANES) {
+            if (c0 + LANES > d) c0 = d - LANES;            /* the last vector overlaps: same values */
+            if (c0 + LANES <= r) {
+                for (int64_t l = 0; l < LANES; l++) store_f(g + (l * d + r) * d + c0, (vf){0});
+                continue;
+            }
+            vf t[LANES];
+            for (int64_t q = 0; q < LANES; q++) {
+                if (c0 + q < r) { t[q] = (vf){0}; continue; }
+                const vq low = __builtin_convertvector(load_h(halves[0] + PACKED_H(c0 + q, r)), vq);
+                const vq high = __builtin_convertvector(load_h(halves[1] + PACKED_H(c0 + q, r)), vq);
+                memcpy(&t[q], &low, sizeof low);
+                memcpy((char *)&t[q] + sizeof low, &high, sizeof high);
+            }
+            transpose16(t);
+            for (int64_t l = 0; l < LANES; l++) store_f(g + (l * d + r) * d + c0, t[l]);
+        }
 }
 
 /* Blocks [block0, block1): covariance (float64) = (G - n m m^T) / (n - 1) + eps I with
@@ -313,78 +472,149 @@ int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, i
             invert_lanes(halves[h], inv_diag[h], d);
         }
         if (bad >= 0) break;
-        /* W = X^T: W[r][c] = X[c][r] for c >= r, else 0; written over this block's bytes */
-        for (int64_t l = 0; l < LANES; l++) {
-            const double *x = halves[l / HALF] + l % HALF;
-            float *w = g + l * d * d;
-            for (int64_t r = 0; r < d; r++) {
-                for (int64_t c = 0; c < r; c++) w[r * d + c] = 0.0f;
-                for (int64_t c = r; c < d; c++) w[r * d + c] = (float)x[PACKED_H(c, r)];
-            }
-        }
+        write_whitening(g, halves, d);
     }
     free(a);
     return bad;
 }
 
+/* For every row i of the whitening matrices w [P][d][d]: the first column holding a non-zero
+ * (or NaN) entry at any of positions [p0, p1), lowered into first[i] (which starts at d, or at
+ * an earlier chunk's result). A fit's L^-T is upper triangular: first[i] = i. */
+void padim_row_support(const float *w, int64_t d, int64_t p0, int64_t p1, int32_t *first)
+{
+    for (int64_t p = p0; p < p1; p++)
+        for (int64_t i = 0; i < d; i++) {
+            const float *row = w + (p * d + i) * d;
+            int64_t c = 0;
+            for (; c + LANES <= first[i]; c += LANES) {     /* whole vectors while all zero */
+                const vf v = load_f(row + c);
+                const vi nonzero = (v != 0.0f) | (v != v);
+                int any = 0;
+                for (int l = 0; l < LANES; l++) any |= nonzero[l];
+                if (any) break;
+            }
+            for (; c < first[i]; c++)
+                if (row[c] != 0.0f || row[c] != row[c]) { first[i] = (int32_t)c; break; }
+        }
+}
+
 /* Mahalanobis distances of positions [p0, p1): x [P][B][d] embeddings, mean [P][d], w [P][d][d]
- * whitening (row-major; a fit gives L^-T, a model permutes its rows into grouped channel order,
- * so no triangle is assumed), out [B][P]: out[b][p] = || (x[p][b] - mean[p]) w[p] ||. Four
- * images share each load of a row segment of w.
- * Returns 0, or -1 if the scratch could not be allocated. */
+ * whitening (row-major), out [B][P]: out[b][p] = || (x[p][b] - mean[p]) w[p] ||. ``order``
+ * lists w's rows by ``first_column`` (ascending; see padim_row_support): row order[k] is zero
+ * left of column first_column[k] at every position, so a block of 16 columns needs only the rows
+ * whose first column lies left of its end: about 60% of the products for a fit's triangular
+ * L^-T (order the identity), all of them for a dense w (first_column all 0). Per block of columns
+ * eight images share each load of a row segment; the next position's w and x are prefetched a
+ * share per step. Returns 0, or -1 if the scratch could not be allocated. */
 int padim_mahalanobis(const float *x, const float *mean, const float *w, int64_t batch, int64_t d,
-                      int64_t positions, int64_t p0, int64_t p1, float *out)
+                      int64_t positions, int64_t p0, int64_t p1, const int32_t *order, const int32_t *first_column,
+                      float *out)
 {
     enum { ROWS = 8 };
-    const int64_t col_blocks = (d + LANES - 1) / LANES;
+    const int64_t col_blocks = (d + LANES - 1) / LANES, pairs = (col_blocks + 1) / 2;
     const int64_t width = col_blocks * LANES;
-    float *wpad = aligned_alloc(64, (size_t)((d * width + ROWS * d) * sizeof(float) + 64));
-    if (!wpad) return -1;
-    float *centred = wpad + d * width;          /* [d][ROWS]: the images of a group side by side */
+    const int64_t groups = (batch + ROWS - 1) / ROWS, padded_batch = groups * ROWS;
+    /* d < LANES: rows copied into zero-padded scratch; else the last block of columns overlaps
+     * the one before it and masks the columns that one counted */
+    const int padded = d < LANES;
+    const size_t floats = (size_t)(padded_batch * width + padded_batch * LANES + (padded ? d * LANES : 0));
+    float *scratch = aligned_alloc(64, (floats * sizeof(float) + 2 * (size_t)col_blocks * sizeof(int64_t) + 127) / 64 * 64);
+    if (!scratch) return -1;
+    float *centred = scratch;                                  /* [padded_batch][width], padding rows 0 */
+    float *squares = centred + padded_batch * width;           /* [padded_batch][LANES] */
+    float *wpad = squares + padded_batch * LANES;              /* [d][LANES], rows in ``order`` */
+    int64_t *start = (int64_t *)(scratch + floats), *limit = start + col_blocks;
+    for (int64_t cb = 0; cb < col_blocks; cb++) {
+        start[cb] = padded ? 0 : (cb * LANES + LANES <= d ? cb * LANES : d - LANES);
+        int64_t k = 0;
+        while (k < d && first_column[k] < start[cb] + LANES) k++;
+        limit[cb] = k;
+    }
+    vf tail_mask;
+    for (int l = 0; l < LANES; l++)
+        tail_mask[l] = padded || start[col_blocks - 1] + l >= (col_blocks - 1) * LANES ? 1.0f : 0.0f;
+    const int64_t w_lines = (d * d * (int64_t)sizeof(float) + 63) / 64;
+    const int64_t x_lines = (batch * d * (int64_t)sizeof(float) + 63) / 64;
+    memset(centred, 0, (size_t)(padded_batch * width) * sizeof(float));
     for (int64_t p = p0; p < p1; p++) {
         const float *wp = w + p * d * d;
         const float *mu = mean + p * d;
-        /* rows padded to whole vectors, so the last column block needs no masked loads */
-        for (int64_t i = 0; i < d; i++) {
-            memcpy(wpad + i * width, wp + i * d, (size_t)d * sizeof(float));
-            memset(wpad + i * width + d, 0, (size_t)(width - d) * sizeof(float));
+        if (padded)
+            for (int64_t k = 0; k < d; k++) {
+                memset(wpad + k * LANES, 0, LANES * sizeof(float));
+                memcpy(wpad + k * LANES, wp + (int64_t)order[k] * d, (size_t)d * sizeof(float));
+            }
+        /* centred rows in their own order, read through ``order`` below: gathering them into w's
+         * row order here, value by value, cost more than all the products */
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + (p * batch + b) * d;
+            float *cb_row = centred + b * width;
+            for (int64_t k = 0; k < d; k++) cb_row[k] = xb[k] - mu[k];
         }
-        for (int64_t b0 = 0; b0 < batch; b0 += ROWS) {
-            const int rows = batch - b0 < ROWS ? (int)(batch - b0) : ROWS;
-            for (int r = 0; r < ROWS; r++)
-                for (int64_t i = 0; i < d; i++)
-                    centred[i * ROWS + r] = r < rows ? x[(p * batch + b0 + r) * d + i] - mu[i] : 0.0f;
-            vf squares[ROWS];
-            for (int r = 0; r < ROWS; r++) squares[r] = (vf){0};
-            int64_t cb = 0;
-            for (; cb + 2 <= col_blocks; cb += 2) {       /* two column blocks: 16 accumulators */
+        memset(squares, 0, (size_t)(padded_batch * LANES) * sizeof(float));
+        for (int64_t cb = 0; cb < col_blocks; cb += 2) {
+            const int two = cb + 1 < col_blocks;
+            const int64_t lim0 = limit[cb], lim1 = two ? limit[cb + 1] : lim0;
+            const int last0 = cb == col_blocks - 1, last1 = cb + 1 == col_blocks - 1;
+            for (int64_t b0 = 0; b0 < padded_batch; b0 += ROWS) {
+                if (p + 1 < p1) {
+                    /* the hardware prefetchers do not follow rows of w read 64 bytes at a time */
+                    const int64_t step = (cb / 2) * groups + b0 / ROWS, steps = pairs * groups;
+                    const char *w_next = (const char *)(wp + d * d), *x_next = (const char *)(x + (p + 1) * batch * d);
+                    for (int64_t line = w_lines * step / steps; line < w_lines * (step + 1) / steps; line++)
+                        __builtin_prefetch(w_next + line * 64, 0, 3);
+                    for (int64_t line = x_lines * step / steps; line < x_lines * (step + 1) / steps; line++)
+                        __builtin_prefetch(x_next + line * 64, 0, 3);
+                }
+                const float *c = centred + b0 * width;
                 vf acc0[ROWS], acc1[ROWS];
                 for (int r = 0; r < ROWS; r++) acc0[r] = acc1[r] = (vf){0};
-                for (int64_t i = 0; i < d; i++) {
-                    const vf w0 = load_f(wpad + i * width + cb * LANES);
-                    const vf w1 = load_f(wpad + i * width + (cb + 1) * LANES);
-                    const float *c = centred + i * ROWS;
-                    for (int r = 0; r < ROWS; r++) { acc0[r] += c[r] * w0; acc1[r] += c[r] * w1; }
+                int64_t k = 0;
+                if (padded) {
+                    for (; k < lim0; k++) {
+                        const int64_t row = order[k];
+                        const vf w0 = load_f(wpad + k * LANES);
+                        for (int r = 0; r < ROWS; r++) acc0[r] += c[r * width + row] * w0;
+                    }
+                } else if (two) {
+                    for (; k < lim0; k++) {
+                        const int64_t row = order[k];
+                        const float *wr = wp + row * d;
+                        const vf w0 = load_f(wr + start[cb]), w1 = load_f(wr + start[cb + 1]);
+                        for (int r = 0; r < ROWS; r++) {
+                            const float v = c[r * width + row];
+                            acc0[r] += v * w0;
+                            acc1[r] += v * w1;
+                        }
+                    }
+                    for (; k < lim1; k++) {
+                        const int64_t row = order[k];
+                        const vf w1 = load_f(wp + row * d + start[cb + 1]);
+                        for (int r = 0; r < ROWS; r++) acc1[r] += c[r * width + row] * w1;
+                    }
+                } else {
+                    for (; k < lim0; k++) {
+                        const int64_t row = order[k];
+                        const vf w0 = load_f(wp + row * d + start[cb]);
+                        for (int r = 0; r < ROWS; r++) acc0[r] += c[r * width + row] * w0;
+                    }
                 }
-                for (int r = 0; r < ROWS; r++) squares[r] += acc0[r] * acc0[r] + acc1[r] * acc1[r];
-            }
-            for (; cb < col_blocks; cb++) {
-                vf acc[ROWS];
-                for (int r = 0; r < ROWS; r++) acc[r] = (vf){0};
-                for (int64_t i = 0; i < d; i++) {
-                    const vf w0 = load_f(wpad + i * width + cb * LANES);
-                    const float *c = centred + i * ROWS;
-                    for (int r = 0; r < ROWS; r++) acc[r] += c[r] * w0;
+                for (int r = 0; r < ROWS; r++) {
+                    const vf a0 = last0 ? acc0[r] * tail_mask : acc0[r];
+                    const vf a1 = last1 ? acc1[r] * tail_mask : acc1[r];
+                    vf total = load_f(squares + (b0 + r) * LANES) + a0 * a0;
+                    if (two) total += a1 * a1;
+                    store_f(squares + (b0 + r) * LANES, total);
                 }
-                for (int r = 0; r < ROWS; r++) squares[r] += acc[r] * acc[r];
-            }
-            for (int r = 0; r < rows; r++) {
-                double total = 0.0;
-                for (int l = 0; l < LANES; l++) total += squares[r][l];
-                out[(b0 + r) * positions + p] = (float)sqrt(total);
             }
         }
+        for (int64_t b = 0; b < batch; b++) {
+            double total = 0.0;
+            for (int l = 0; l < LANES; l++) total += squares[b * LANES + l];
+            out[b * positions + p] = (float)sqrt(total);
+        }
     }
-    free(wpad);
+    free(scratch);
     return 0;
 }
