@@ -19,6 +19,7 @@ from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
 from models.native import gaussian_kernels
+from utils.memory import heap_keeps
 
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
@@ -115,19 +116,32 @@ class GaussianFit:
         self._chunks = None         # list of (start, stop) position slices (blocks with the kernels)
         self._kernels = None        # models.native's compiled kernels, when the fit runs on the host
 
-    def _start(self, first: np.ndarray, on_host: bool = False):
-        """``first``: the first batch as [B, d, P] float32."""
-        _, d, positions = first.shape
+    def _start(self, first: np.ndarray, on_host: bool = False, positions_first: bool = False):
+        """``first``: the first batch as [B, d, P] float32 ([P, B, d] with ``positions_first``)."""
+        if positions_first:
+            positions, _, d = first.shape
+        else:
+            _, d, positions = first.shape
         self.d_, self.positions_ = d, positions
         self._kernels = gaussian_kernels() if on_host and d <= NATIVE_FIT_MAX_D else None
+        # any value near the mean keeps float32 accurate: the first batch's, [P, d] (summed in
+        # float32 for the kernels: in float64 this took as long as a batch's Gram update)
+        batch_mean = first.mean(axis=1 if positions_first else 0, dtype=None if self._kernels else np.float64)
+        if not positions_first:
+            batch_mean = batch_mean.T
         if self._kernels is not None:
             # models/native/gaussian.c: positions as vector lanes, the Gram lower triangles packed
             # in blocks of lanes inside an array the size of the whitening it becomes
             blocks = self._kernels.blocks(positions)
-            self._shift = first.mean(axis=0)     # [d, P]; any value near the mean keeps float32 accurate
+            self._shift = np.ascontiguousarray(batch_mean.T, dtype=np.float32)     # [d, P]
             # no zeroing pass: the first update writes the sums
             self._sum = np.empty((blocks, d, self._kernels.lanes), dtype=np.float64)
-            self._gram = mapped_empty((blocks * self._kernels.lanes, d, d), np.float32)
+            shape = (blocks * self._kernels.lanes, d, d)
+            # memory this process already touched where its heap keeps freed blocks (val.py's
+            # setting; in train.py's processes a fresh mapping): a fresh mapping's first touch
+            # costs more than a batch's update on this machine's VM
+            self._gram = (np.empty(shape, np.float32) if heap_keeps(int(np.prod(shape)) * 4)
+                          else mapped_empty(shape, np.float32))
             self._chunks = _even_slices(blocks, 4 * self.threads)
             return
         step = max(1, min(64, self.chunk_bytes // (d * d * 4)))
@@ -135,50 +149,62 @@ class GaussianFit:
         # the factorisations work in float64 on smaller slices that stay in cache
         step = max(1, min(step, (3 << 19) // (d * d * 8)))
         self._finalize_chunks = [(s, min(s + step, positions)) for s in range(0, positions, step)]
-        self._shift = np.ascontiguousarray(first.mean(axis=0, dtype=np.float64).T, dtype=np.float32)
+        self._shift = np.ascontiguousarray(batch_mean, dtype=np.float32)
         self._sum = np.zeros((positions, d), dtype=np.float64)
         self._gram = np.zeros((positions, d, d), dtype=np.float32)
 
     @paddle.no_grad()
-    def update(self, embeddings) -> "GaussianFit":
-        """Add a batch of embeddings [B, d, P] (a Paddle tensor or a NumPy array)."""
-        batch, d, positions = embeddings.shape
+    def update(self, embeddings, positions_first: bool = False) -> "GaussianFit":
+        """Add a batch of embeddings [B, d, P], or [P, B, d] with ``positions_first`` (the layout
+        PaDiM.embed gives by default; the compiled kernels read it sequentially, faster), as a
+        Paddle tensor or a NumPy array."""
+        if len(embeddings.shape) != 3:
+            raise ValueError(f"embeddings must have 3 dimensions, got shape {list(embeddings.shape)}")
+        if positions_first:
+            positions, batch, d = embeddings.shape
+        else:
+            batch, d, positions = embeddings.shape
         if self._sum is not None and (d, positions) != (self.d_, self.positions_):
             raise ValueError(f"embedding shape changed from {(self.d_, self.positions_)} to {(d, positions)}")
         if isinstance(embeddings, np.ndarray):
-            self._update_host(np.asarray(embeddings, dtype=np.float32))
+            self._update_host(np.asarray(embeddings, dtype=np.float32), positions_first)
         elif paddle.get_device() == "cpu" or self._kernels is not None:   # a fit started on the host stays there
-            self._update_host(host_array(embeddings))
+            self._update_host(host_array(embeddings), positions_first)
         else:
-            self._update_device(embeddings)
+            self._update_device(embeddings, positions_first)
         self.n_ += batch
         return self
 
-    def _update_device(self, embeddings: paddle.Tensor) -> None:
+    def _update_device(self, embeddings: paddle.Tensor, positions_first: bool) -> None:
         x = embeddings.astype("float32")
+        if not positions_first:
+            x = x.transpose([2, 0, 1])                                             # [P, B, d]
         if self._sum is None:
-            self._start(x.numpy())
-        x = x.transpose([2, 0, 1]) - paddle.to_tensor(self._shift).unsqueeze(1)   # [P, B, d]
+            self._start(x.numpy(), positions_first=True)
+        x = x - paddle.to_tensor(self._shift).unsqueeze(1)
         self._sum += x.sum(axis=1).numpy()
         for start, stop in self._chunks:
             block = x[start:stop]
             self._gram[start:stop] += paddle.matmul(block, block, transpose_x=True).numpy()
 
-    def _update_host(self, x: np.ndarray) -> None:
+    def _update_host(self, x: np.ndarray, positions_first: bool) -> None:
         """Per slice of positions: the batch as a centred [p, B, d] block, then its Gram
         matrices. (Gathering several batches first would mean fewer passes over the sums, but the
         held batches keep Paddle's allocator from reusing their memory: peak RSS grew with N.)"""
         if self._sum is None:
-            self._start(x, on_host=True)
+            self._start(x, on_host=True, positions_first=positions_first)
         if self._kernels is not None:
             x, first = np.ascontiguousarray(x, dtype=np.float32), self.n_ == 0
             run_over_chunks(lambda b0, b1: self._kernels.gram_update(x, self._shift, self._gram, self._sum, b0, b1,
-                                                                     first), self._chunks, self.threads)
+                                                                     first, positions_first),
+                            self._chunks, self.threads)
             return
 
         def work(start, stop):
-            # a contiguous copy of the slice first: transposing it is then cache-friendly
-            block = np.ascontiguousarray(x[:, :, start:stop]).transpose(2, 0, 1) - self._shift[start:stop, None, :]
+            if positions_first:
+                block = x[start:stop] - self._shift[start:stop, None, :]
+            else:   # a contiguous copy of the slice first: transposing it is then cache-friendly
+                block = np.ascontiguousarray(x[:, :, start:stop]).transpose(2, 0, 1) - self._shift[start:stop, None, :]
             self._sum[start:stop] += block.sum(axis=1)
             self._gram[start:stop] += np.matmul(block.transpose(0, 2, 1), block)
 
@@ -510,8 +536,9 @@ class Embedding(nn.Layer):
             return paddle.concat(parts, axis=2)
         return paddle.concat(parts, axis=1).flatten(2)
 
-    def to_idx_order(self, embeddings: paddle.Tensor) -> paddle.Tensor:
-        return paddle.index_select(embeddings, paddle.to_tensor(self.order), axis=1)
+    def to_idx_order(self, embeddings: paddle.Tensor, positions_first: bool = False) -> paddle.Tensor:
+        """Grouped embeddings [B, d, P] (or [P, B, d]) in the original's idx order."""
+        return paddle.index_select(embeddings, paddle.to_tensor(self.order), axis=2 if positions_first else 1)
 
     def to_grouped_order(self, mean: np.ndarray, whitening: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The Gaussian of idx-ordered embeddings expressed for grouped embeddings: mean columns

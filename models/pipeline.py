@@ -84,9 +84,9 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         tick = time.perf_counter()
         embeddings = extract(batch.images)
         tock = time.perf_counter()
-        gaussian.update(embeddings)
-        if sum(len(k) for k in kept) < STATISTICS_IMAGES:
-            kept.append(np.array(embeddings[:STATISTICS_IMAGES - sum(len(k) for k in kept)]))
+        gaussian.update(embeddings, positions_first=True)
+        if sum(k.shape[1] for k in kept) < STATISTICS_IMAGES:
+            kept.append(np.array(embeddings[:, :STATISTICS_IMAGES - sum(k.shape[1] for k in kept)]))
         done = time.perf_counter()
         extraction += tock - tick
         gaussian_time += done - tock
@@ -98,7 +98,8 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     tick = time.perf_counter()
     mean, whitening = gaussian.finalize(eps)
     gaussian_time += time.perf_counter() - tick
-    statistics = training_statistics(np.concatenate(kept), mean, whitening, grid, image_size, sigma)
+    statistics = training_statistics(np.concatenate(kept, axis=1).transpose(1, 2, 0), mean, whitening, grid,
+                                     image_size, sigma)
     meta = {
         "version": VERSION,
         "category": dataset.category,
@@ -126,10 +127,11 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
 
 
 def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph: bool = True):
-    """images [B, 3, H, W] -> embeddings [B, d, P] in idx order: a NumPy array from a Paddle
-    Inference graph (CPU, ``static_graph``), else an eager Paddle tensor."""
+    """images [B, 3, H, W] -> embeddings [P, B, d] in idx order: a NumPy array from a Paddle
+    Inference graph (CPU, ``static_graph``), else an eager Paddle tensor. Positions first: the
+    Gaussian fit's kernels read that layout sequentially."""
     def embed(images):
-        return embedding.to_idx_order(embedding(backbone(images)))
+        return embedding.to_idx_order(embedding(backbone(images), positions_first=True), positions_first=True)
 
     runner = static_runner_or_none([backbone, embedding], embed, image_size, "backbone", static_graph)
     if runner is not None:

@@ -21,9 +21,11 @@ def test_builds_once_into_the_cache_then_reuses_the_library(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))                 # no half-written files left
 
 
-def test_kernels_equal_a_float64_reference_across_block_edges(tmp_path):
+@pytest.mark.parametrize("positions_first", [False, True])
+def test_kernels_equal_a_float64_reference_across_block_edges(tmp_path, positions_first):
     """37 positions (two full blocks of 16 and a partial one), d = 10 (not a multiple of the
-    4x4 tiles), batches of 1 and 5 images."""
+    4x4 tiles), batches of 1 and 5 images (B * d not a multiple of 16 either), the batches as
+    [B, d, P] or [P, B, d]."""
     needs_compiler()
     kernels = native.load_kernels(directory=tmp_path)
     rng = np.random.default_rng(4)
@@ -34,8 +36,10 @@ def test_kernels_equal_a_float64_reference_across_block_edges(tmp_path):
     gram = np.full((blocks * kernels.lanes, d, d), np.nan, dtype=np.float32)   # the first batch writes
     sums = np.full((blocks, d, kernels.lanes), np.nan)
     for start, stop in [(0, 1), (1, 6), (6, 11), (11, 16), (16, 21), (21, 23)]:
-        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 0, 1, first=start == 0)
-        kernels.gram_update(np.ascontiguousarray(x[start:stop]), shift, gram, sums, 1, blocks, first=start == 0)
+        batch = np.ascontiguousarray(x[start:stop].transpose(2, 0, 1) if positions_first else x[start:stop])
+        for block0, block1 in [(0, 1), (1, blocks)]:
+            kernels.gram_update(batch, shift, gram, sums, block0, block1, first=start == 0,
+                                positions_first=positions_first)
     assert kernels.whitening(gram, sums, n, d, positions, 0.01, 0, blocks) == (-1, False)
     whitening = gram[:positions].astype(np.float64)
     assert np.allclose(np.tril(whitening, -1), 0)           # upper triangular: L^-T

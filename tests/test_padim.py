@@ -213,6 +213,22 @@ def test_fits_above_the_kernels_d_limit_take_the_numpy_path(monkeypatch):
     np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batches", [[7, 7, 6], [1, 19]])
+def test_gaussian_fit_of_positions_first_batches_equals_the_reference(batches):
+    """[P, B, d] batches (what the fit's extractor hands over) give the same Gaussian as the
+    float64 per-position loop; 37 positions cross a block of 16."""
+    features = correlated_features(n=sum(batches), d=9, positions=37, seed=12)
+    gaussian = GaussianFit(threads=2)
+    start = 0
+    for size in batches:
+        gaussian.update(paddle.to_tensor(features[start:start + size].transpose(2, 0, 1).copy()), positions_first=True)
+        start += size
+    mean, whitening = gaussian.finalize(0.01)
+    ref_mean, ref_cov = reference_gaussian(features)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
+
+
 def test_mapped_empty_is_a_writable_array_of_the_shape():
     from models.padim import mapped_empty
 

@@ -29,7 +29,7 @@ TRIM_THRESHOLD = 512 << 20          # free memory at the top of the heap kept fo
 CAPPED_MMAP_THRESHOLD = 32 << 20   # some glibc versions refuse more (half their heap size)
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-_applied = []
+_applied = []   # [mmap threshold set, or 0]
 
 
 def keep_large_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
@@ -38,22 +38,28 @@ def keep_large_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
     Does nothing (False) off Linux, on a C library without ``mallopt`` (musl), or when the user
     set glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` variables.
     """
-    if _applied:
-        return _applied[0]
-    _applied.append(_set_thresholds(mmap_threshold, trim_threshold))
-    return _applied[0]
+    if not _applied:
+        _applied.append(_set_thresholds(mmap_threshold, trim_threshold))
+    return _applied[0] > 0
 
 
-def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+def heap_keeps(nbytes: int) -> bool:
+    """Whether a request of ``nbytes`` is served from the heap, which in this process keeps freed
+    large blocks (keep_large_buffers): memory the process most likely touched already, so cheaper
+    to write first than a fresh mapping."""
+    return bool(_applied) and int(nbytes) < _applied[0]
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> int:
     if not sys.platform.startswith("linux") or any(name in os.environ for name in USER_SETTINGS):
-        return False
+        return 0
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return 0
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     if not mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)):
         mmap_threshold = min(int(mmap_threshold), CAPPED_MMAP_THRESHOLD)
         if not mallopt(M_MMAP_THRESHOLD, mmap_threshold):
-            return False
-    return bool(mallopt(M_TRIM_THRESHOLD, max(int(trim_threshold), 2 * int(mmap_threshold))))
+            return 0
+    return int(mmap_threshold) if mallopt(M_TRIM_THRESHOLD, max(int(trim_threshold), 2 * int(mmap_threshold))) else 0

@@ -38,7 +38,7 @@ class GaussianKernels:
         self.path = path
         self.lanes = int(library.padim_lanes())
         self._update = library.padim_gram_update
-        self._update.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int]
+        self._update.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer, i64, i64, ctypes.c_int, ctypes.c_int]
         self._update.restype = ctypes.c_int
         self._whitening = library.padim_whitening
         self._whitening.argtypes = [pointer, pointer, i64, i64, i64, ctypes.c_double, i64, i64, pointer]
@@ -54,12 +54,16 @@ class GaussianKernels:
         return -(-int(positions) // self.lanes)
 
     def gram_update(self, x: np.ndarray, shift: np.ndarray, gram: np.ndarray, sums: np.ndarray,
-                    block0: int, block1: int, first: bool = False) -> None:
-        """Add the batch x [B, d, P] (float32, C order) to blocks [block0, block1); ``first``:
-        write instead (``gram`` and ``sums`` may then be uninitialised)."""
-        batch, d, positions = x.shape
+                    block0: int, block1: int, first: bool = False, positions_first: bool = False) -> None:
+        """Add the batch x [B, d, P] (or [P, B, d] with ``positions_first``; float32, C order)
+        to blocks [block0, block1); ``first``: write instead (``gram`` and ``sums`` may then be
+        uninitialised)."""
+        if positions_first:
+            positions, batch, d = x.shape
+        else:
+            batch, d, positions = x.shape
         if self._update(x.ctypes.data, batch, d, positions, shift.ctypes.data, gram.ctypes.data,
-                        sums.ctypes.data, block0, block1, int(bool(first))) != 0:
+                        sums.ctypes.data, block0, block1, int(bool(first)), int(bool(positions_first))) != 0:
             raise MemoryError("no memory for the Gram update's scratch buffer")
 
     def whitening(self, gram: np.ndarray, sums: np.ndarray, n: int, d: int, positions: int, eps: float,
@@ -218,7 +222,8 @@ def _self_check(kernels: GaussianKernels) -> None:
     gram = np.full((blocks * kernels.lanes, d, d), np.nan, dtype=np.float32)   # "uninitialised"
     sums = np.full((blocks, d, kernels.lanes), np.nan)
     kernels.gram_update(np.ascontiguousarray(x[:4]), shift, gram, sums, 0, blocks, first=True)
-    kernels.gram_update(np.ascontiguousarray(x[4:]), shift, gram, sums, 0, blocks)
+    kernels.gram_update(np.ascontiguousarray(x[4:].transpose(2, 0, 1)), shift, gram, sums, 0, blocks,
+                        positions_first=True)
     bad, _ = kernels.whitening(gram, sums, n, d, positions, 0.01, 0, blocks)
     samples = x.astype(np.float64).transpose(2, 0, 1)
     expected = np.stack([np.linalg.inv(np.cov(s, rowvar=False) + 0.01 * np.eye(d)) for s in samples])

@@ -53,6 +53,31 @@ static inline vq load_q(const float *p) { vq v; memcpy(&v, p, sizeof v); return 
 
 int padim_lanes(void) { return LANES; }
 
+/* A 16 x 16 transpose in registers: after it t[l][q] holds what t[q][l] held. Four rounds;
+ * round b swaps bit b of the row and of the column index between each pair of rows b apart. */
+static inline void transpose16(vf t[LANES])
+{
+#define SWAP_BITS(b, lo, hi)                                                                     \
+    for (int i = 0; i < LANES; i++)                                                              \
+        if (!(i & (b))) {                                                                        \
+            const vf top = t[i], bottom = t[i + (b)];                                            \
+            t[i] = __builtin_shuffle(top, bottom, lo);                                           \
+            t[i + (b)] = __builtin_shuffle(top, bottom, hi);                                     \
+        }
+    typedef int32_t vm __attribute__((vector_size(LANES * sizeof(int32_t))));
+    /* column j of the upper row keeps j where bit b is 0, else takes the lower row's j - b;
+     * the lower row takes the upper row's j + b where bit b is 0, else keeps j */
+    SWAP_BITS(1, ((vm){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
+                 ((vm){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
+    SWAP_BITS(2, ((vm){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
+                 ((vm){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
+    SWAP_BITS(4, ((vm){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
+                 ((vm){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
+    SWAP_BITS(8, ((vm){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
+                 ((vm){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
+#undef SWAP_BITS
+}
+
 /* 4x4 tile of Gram lanes: g[i0+r][j0+c] += sum_b xc[b][i0+r] * xc[b][j0+c] (packed lower
  * triangle). On a diagonal tile (i0 == j0) only c <= r exists. */
 static void gram_tile(float *g, const float *xc, int64_t batch, int64_t d, int64_t i0, int64_t j0, int first)
@@ -94,15 +119,17 @@ static void gram_edge(float *g, const float *xc, int64_t batch, int64_t d, int64
 }
 
 /* Map the pages of [start, start + bytes) before the first batch's stores, one system call per
- * thread and slice: the kernel then zeroes them in one go (in 2 MiB pages where the array was
- * mapped with MADV_HUGEPAGE) instead of taking a fault per page. Pages are only mapped, never
- * changed, so rounding the range out to whole pages is harmless. Without the advice (older
- * kernels, not Linux) the stores fault the pages as before. */
+ * thread and slice, in 2 MiB pages where the kernel allows: it then zeroes them in one go instead
+ * of taking a fault per 4 KiB page. Pages already mapped (memory the heap recycled) stay as they
+ * are. Both advices only change how pages are mapped, never their contents, so rounding the
+ * range out to whole pages is harmless. Without them (older kernels, not Linux) the stores fault
+ * the pages as before. */
 static void populate(void *start, size_t bytes)
 {
 #ifdef __linux__
     const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     const uintptr_t lo = (uintptr_t)start & ~(page - 1), hi = ((uintptr_t)start + bytes + page - 1) & ~(page - 1);
+    (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
     (void)madvise((void *)lo, hi - lo, MADV_POPULATE_WRITE);
 #else
     (void)start;
@@ -110,31 +137,84 @@ static void populate(void *start, size_t bytes)
 #endif
 }
 
-/* Add one batch to blocks [block0, block1); ``first``: the arrays hold no sums yet (they may be
- * uninitialised memory: the first batch writes instead of adding, so the fit never zeroes the
- * Gram array first). Returns 0, or -1 if the scratch could not be allocated. */
-int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
-                      float *gram, double *sums, int64_t block0, int64_t block1, int first)
+/* One block of positions of x [B][d][P] into lanes: xc[b][i][l] = x[b][i][p0 + l] - shift,
+ * totals[i] = sum over b. Each (b, i) is one 64-byte piece of a row P floats long. */
+static void lanes_from_features_first(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
+                                      int64_t p0, int64_t lanes, float *xc, vf *totals)
 {
-    float *xc = aligned_alloc(64, (size_t)(batch * d * LANES * sizeof(float) + 64));
+    for (int64_t i = 0; i < d; i++) {
+        const float *sh = shift + i * positions + p0;
+        vf total = {0};
+        for (int64_t b = 0; b < batch; b++) {
+            const float *src = x + (b * d + i) * positions + p0;
+            vf v;
+            if (lanes == LANES) v = load_f(src) - load_f(sh);   /* a per-lane loop here cost more than the tiles */
+            else for (int64_t l = 0; l < LANES; l++) v[l] = l < lanes ? src[l] - sh[l] : 0.0f;
+            store_f(xc + (b * d + i) * LANES, v);
+            total += v;
+        }
+        totals[i] = total;
+    }
+}
+
+/* The same from x [P][B][d] (positions first, the layout a model's embedding produces for
+ * scoring): the block's positions are 16 contiguous runs of B * d floats, read sixteen values
+ * of each at a time and transposed in registers: sequential reads, where the layout above
+ * reads B * d pieces scattered P floats apart. ``shift_block`` [d][LANES] is scratch. */
+static void lanes_from_positions_first(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
+                                       int64_t p0, int64_t lanes, float *xc, vf *totals, float *shift_block)
+{
+    const int64_t elements = batch * d;
+    for (int64_t i = 0; i < d; i++) {
+        for (int64_t l = 0; l < LANES; l++) shift_block[i * LANES + l] = l < lanes ? shift[i * positions + p0 + l] : 0.0f;
+        totals[i] = (vf){0};
+    }
+    int64_t i = 0;                                  /* feature of element e0 (e = b * d + i) */
+    for (int64_t e0 = 0; e0 < elements; e0 += LANES) {
+        const int64_t count = elements - e0 < LANES ? elements - e0 : LANES;
+        vf t[LANES];
+        for (int64_t l = 0; l < LANES; l++) {
+            const float *src = x + (p0 + l) * elements + e0;
+            if (l >= lanes) t[l] = (vf){0};
+            else if (count == LANES) {
+                __builtin_prefetch(src + 256, 0, 3);   /* 1 KB ahead: sixteen streams outran the hardware prefetcher */
+                t[l] = load_f(src);
+            }
+            else {
+                t[l] = (vf){0};
+                for (int64_t q = 0; q < count; q++) t[l][q] = src[q];
+            }
+        }
+        transpose16(t);                             /* t[q][l] = x[p0 + l][e0 + q] */
+        for (int64_t q = 0; q < count; q++) {
+            const vf v = t[q] - load_f(shift_block + i * LANES);
+            store_f(xc + (e0 + q) * LANES, v);
+            totals[i] += v;
+            if (++i == d) i = 0;
+        }
+    }
+}
+
+/* Add one batch to blocks [block0, block1): x [B][d][P], or [P][B][d] with ``positions_first``.
+ * ``first``: the arrays hold no sums yet (they may be uninitialised memory: the first batch
+ * writes instead of adding, so the fit never zeroes the Gram array first). Returns 0, or -1 if
+ * the scratch could not be allocated. */
+int padim_gram_update(const float *x, int64_t batch, int64_t d, int64_t positions, const float *shift,
+                      float *gram, double *sums, int64_t block0, int64_t block1, int first, int positions_first)
+{
+    float *xc = aligned_alloc(64, (size_t)((batch * d * LANES + 2 * d * LANES) * sizeof(float) + 64));
     if (!xc) return -1;
+    vf *totals = (vf *)(xc + batch * d * LANES);    /* 64-byte aligned: batch * d * LANES floats before it */
+    float *shift_block = xc + batch * d * LANES + d * LANES;
     if (first) populate(gram + block0 * d * d * LANES, (size_t)((block1 - block0) * d * d * LANES) * sizeof(float));
     for (int64_t block = block0; block < block1; block++) {
         const int64_t p0 = block * LANES;
         const int64_t lanes = positions - p0 < LANES ? positions - p0 : LANES;
+        if (positions_first) lanes_from_positions_first(x, batch, d, positions, shift, p0, lanes, xc, totals, shift_block);
+        else lanes_from_features_first(x, batch, d, positions, shift, p0, lanes, xc, totals);
         for (int64_t i = 0; i < d; i++) {
-            const float *sh = shift + i * positions + p0;
-            vf total = {0};
-            for (int64_t b = 0; b < batch; b++) {
-                const float *src = x + (b * d + i) * positions + p0;
-                vf v;
-                if (lanes == LANES) v = load_f(src) - load_f(sh);   /* a per-lane loop here cost more than the tiles */
-                else for (int64_t l = 0; l < LANES; l++) v[l] = l < lanes ? src[l] - sh[l] : 0.0f;
-                store_f(xc + (b * d + i) * LANES, v);
-                total += v;
-            }
             double *s = sums + (block * d + i) * LANES;
-            for (int l = 0; l < LANES; l++) s[l] = (first ? 0.0 : s[l]) + (double)total[l];
+            for (int l = 0; l < LANES; l++) s[l] = (first ? 0.0 : s[l]) + (double)totals[i][l];
         }
         float *g = gram + block * d * d * LANES;
         for (int64_t i0 = 0; i0 < d; i0 += TILE)
@@ -363,31 +443,6 @@ static void invert_lanes(double *a, const double *inv_diag, int64_t d)
     }
 }
 
-/* A 16 x 16 transpose in registers: after it t[l][q] holds what t[q][l] held. Four rounds;
- * round b swaps bit b of the row and of the column index between each pair of rows b apart. */
-static inline void transpose16(vf t[LANES])
-{
-#define SWAP_BITS(b, lo, hi)                                                                     \
-    for (int i = 0; i < LANES; i++)                                                              \
-        if (!(i & (b))) {                                                                        \
-            const vf top = t[i], bottom = t[i + (b)];                                            \
-            t[i] = __builtin_shuffle(top, bottom, lo);                                           \
-            t[i + (b)] = __builtin_shuffle(top, bottom, hi);                                     \
-        }
-    typedef int32_t vm __attribute__((vector_size(LANES * sizeof(int32_t))));
-    /* column j of the upper row keeps j where bit b is 0, else takes the lower row's j - b;
-     * the lower row takes the upper row's j + b where bit b is 0, else keeps j */
-    SWAP_BITS(1, ((vm){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
-                 ((vm){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
-    SWAP_BITS(2, ((vm){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
-                 ((vm){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
-    SWAP_BITS(4, ((vm){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
-                 ((vm){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
-    SWAP_BITS(8, ((vm){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
-                 ((vm){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
-#undef SWAP_BITS
-}
-
 /* W = X^T as [LANES][d][d] float32 over the block's bytes: W_l[r][c] = X_l[c][r] for c >= r,
  * else 0. X's lanes are contiguous per entry, W's are d * d apart, so sixteen entries of a
  * column of X (all lanes) are transposed in registers into sixteen entries of a row of every W.
@@ -481,21 +536,34 @@ int64_t padim_whitening(float *gram, const double *sums, int64_t n, int64_t d, i
 /* For every row i of the whitening matrices w [P][d][d]: the first column holding a non-zero
  * (or NaN) entry at any of positions [p0, p1), lowered into first[i] (which starts at d, or at
  * an earlier chunk's result). A fit's L^-T is upper triangular: first[i] = i. */
+static inline int all_lanes(vi mask)
+{
+    uint64_t words[LANES / 2], all = ~(uint64_t)0;
+    memcpy(words, &mask, sizeof mask);
+    for (int k = 0; k < LANES / 2; k++) all &= words[k];
+    return all == ~(uint64_t)0;
+}
+
 void padim_row_support(const float *w, int64_t d, int64_t p0, int64_t p1, int32_t *first)
 {
     for (int64_t p = p0; p < p1; p++)
         for (int64_t i = 0; i < d; i++) {
             const float *row = w + (p * d + i) * d;
             int64_t c = 0;
-            for (; c + LANES <= first[i]; c += LANES) {     /* whole vectors while all zero */
-                const vf v = load_f(row + c);
-                const vi nonzero = (v != 0.0f) | (v != v);
-                int any = 0;
-                for (int l = 0; l < LANES; l++) any |= nonzero[l];
-                if (any) break;
+            /* whole vectors while all zero (NaN == 0 is false: NaN counts as non-zero) */
+            for (; c + 4 * LANES <= first[i]; c += 4 * LANES)
+                if (!all_lanes((load_f(row + c) == 0.0f) & (load_f(row + c + LANES) == 0.0f)
+                               & (load_f(row + c + 2 * LANES) == 0.0f) & (load_f(row + c + 3 * LANES) == 0.0f)))
+                    break;
+            for (; c + LANES <= first[i]; c += LANES)
+                if (!all_lanes(load_f(row + c) == 0.0f)) break;
+            if (c < first[i] && c + LANES <= d) {          /* the rest in one vector, lanes past first[i] masked */
+                const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+                const vi past = lane + (int32_t)(c - first[i]) >= 0;
+                if (all_lanes((load_f(row + c) == 0.0f) | past)) continue;
             }
             for (; c < first[i]; c++)
-                if (row[c] != 0.0f || row[c] != row[c]) { first[i] = (int32_t)c; break; }
+                if (!(row[c] == 0.0f)) { first[i] = (int32_t)c; break; }
         }
 }
 
@@ -553,14 +621,18 @@ int padim_mahalanobis(const float *x, const float *mean, const float *w, int64_t
             for (int64_t k = 0; k < d; k++) cb_row[k] = xb[k] - mu[k];
         }
         memset(squares, 0, (size_t)(padded_batch * LANES) * sizeof(float));
-        for (int64_t cb = 0; cb < col_blocks; cb += 2) {
-            const int two = cb + 1 < col_blocks;
+        /* column blocks in pairs; with an odd count the first block goes alone: of a triangle's
+         * blocks it needs the fewest rows (the last one needs them all) */
+        for (int64_t unit = 0; unit < pairs; unit++) {
+            const int alone = col_blocks % 2 && unit == 0;
+            const int64_t cb = col_blocks % 2 ? (alone ? 0 : 2 * unit - 1) : 2 * unit;
+            const int two = !alone;
             const int64_t lim0 = limit[cb], lim1 = two ? limit[cb + 1] : lim0;
-            const int last0 = cb == col_blocks - 1, last1 = cb + 1 == col_blocks - 1;
+            const int last0 = cb == col_blocks - 1, last1 = two && cb + 1 == col_blocks - 1;
             for (int64_t b0 = 0; b0 < padded_batch; b0 += ROWS) {
                 if (p + 1 < p1) {
                     /* the hardware prefetchers do not follow rows of w read 64 bytes at a time */
-                    const int64_t step = (cb / 2) * groups + b0 / ROWS, steps = pairs * groups;
+                    const int64_t step = unit * groups + b0 / ROWS, steps = pairs * groups;
                     const char *w_next = (const char *)(wp + d * d), *x_next = (const char *)(x + (p + 1) * batch * d);
                     for (int64_t line = w_lines * step / steps; line < w_lines * (step + 1) / steps; line++)
                         __builtin_prefetch(w_next + line * 64, 0, 3);
