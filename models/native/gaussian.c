@@ -6,7 +6,8 @@
  * so every scalar step of the textbook algorithms is one full-width vector operation.
  *
  * Layouts (float32 unless said otherwise; P positions in blocks of LANES, the last one padded):
- *   x       [B][d][P]        one batch of embeddings, positions contiguous (the fit's layout)
+ *   x       [P][B][d]        one batch of embeddings, positions first (what fit_padim hands
+ *           over; read as 16 sequential runs per block), or [B][d][P] (positions contiguous)
  *   shift   [d][P]           subtracted from x before the products (keeps float32 accurate)
  *   gram    [blocks][d][d][LANES] bytes; while fitting, the first half of each block holds the
  *           lower triangle of sum over images of (x - shift)(x - shift)^T, packed by rows
