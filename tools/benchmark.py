@@ -453,8 +453,9 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
                      repeats: int = 3) -> dict:
     """Vectorised fit + scoring vs the per-patch loop on the same embeddings. The vectorised stage
     runs ``repeats`` times and the run with the median total counts (all runs are returned): the
-    first touch of the fit's fresh 125 MB array is sometimes many times slower than usual here
-    (the hypervisor backs freed memory lazily), which one run would report as the stage's speed.
+    first touch of the fit's fresh 125 MB array is sometimes many times slower than usual on the
+    project's VM (its hypervisor appears to back memory the guest freed only when it is touched
+    again), which one run would report as the stage's speed.
     The loop runs on an evenly spread subset of positions when it would take longer than
     ``loop_seconds`` (or on ``loop_positions`` of them), and its time is extrapolated linearly to
     all positions. The loop runs with ``loop_blas_threads`` BLAS threads (1, its fastest: threads
@@ -479,7 +480,8 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
             vectorised_score(positions_first_batches(test[:1]), mean, whitening)  # warm-up
         tick = time.perf_counter()
         distances = vectorised_score(test_batches, mean, whitening)
-        runs.append((fit_seconds + time.perf_counter() - tick, fit_seconds, time.perf_counter() - tick))
+        score_seconds = time.perf_counter() - tick
+        runs.append((fit_seconds + score_seconds, fit_seconds, score_seconds))
         del whitening
     del train_batches
     _, fit_seconds, score_seconds = sorted(runs)[len(runs) // 2]
