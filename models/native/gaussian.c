@@ -54,28 +54,41 @@ static inline vq load_q(const float *p) { vq v; memcpy(&v, p, sizeof v); return 
 
 int padim_lanes(void) { return LANES; }
 
+/* Two-vector shuffles with constant indices: clang and GCC 12+ spell them
+ * __builtin_shufflevector, older GCC only __builtin_shuffle (with a mask vector). */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define PADIM_SHUFFLEVECTOR 1
+#endif
+#endif
+#define INDICES(...) __VA_ARGS__
+#ifdef PADIM_SHUFFLEVECTOR
+#define SHUFFLE(a, b, indices) __builtin_shufflevector(a, b, INDICES indices)
+#else
+#define SHUFFLE(a, b, indices) __builtin_shuffle(a, b, (vi){INDICES indices})
+#endif
+
 /* A 16 x 16 transpose in registers: after it t[l][q] holds what t[q][l] held. Four rounds;
- * round b swaps bit b of the row and of the column index between each pair of rows b apart. */
+ * round b swaps bit b of the row and of the column index between each pair of rows b apart:
+ * column j of the upper row keeps j where bit b is 0, else takes the lower row's j - b; the
+ * lower row takes the upper row's j + b where bit b is 0, else keeps j. */
 static inline void transpose16(vf t[LANES])
 {
-#define SWAP_BITS(b, lo, hi)                                                                     \
+#define SWAP_BITS(b, upper, lower)                                                               \
     for (int i = 0; i < LANES; i++)                                                              \
         if (!(i & (b))) {                                                                        \
             const vf top = t[i], bottom = t[i + (b)];                                            \
-            t[i] = __builtin_shuffle(top, bottom, lo);                                           \
-            t[i + (b)] = __builtin_shuffle(top, bottom, hi);                                     \
+            t[i] = SHUFFLE(top, bottom, upper);                                                  \
+            t[i + (b)] = SHUFFLE(top, bottom, lower);                                            \
         }
-    typedef int32_t vm __attribute__((vector_size(LANES * sizeof(int32_t))));
-    /* column j of the upper row keeps j where bit b is 0, else takes the lower row's j - b;
-     * the lower row takes the upper row's j + b where bit b is 0, else keeps j */
-    SWAP_BITS(1, ((vm){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
-                 ((vm){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
-    SWAP_BITS(2, ((vm){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
-                 ((vm){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
-    SWAP_BITS(4, ((vm){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
-                 ((vm){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
-    SWAP_BITS(8, ((vm){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
-                 ((vm){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
+    SWAP_BITS(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                 (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+    SWAP_BITS(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                 (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+    SWAP_BITS(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                 (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+    SWAP_BITS(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                 (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
 #undef SWAP_BITS
 }
 
