@@ -5,7 +5,6 @@ feature positions, (H, W) the input image size.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,6 @@ from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
 from models.native import gaussian_kernels
-from utils.memory import heap_keeps
 
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
@@ -87,7 +85,7 @@ _smooth = smooth
 
 
 class GaussianFit:
-    """Streaming per-position mean and covariance of embeddings [B, d, P].
+    """Streaming per-position mean and covariance of embeddings [B, d, P] (or [P, B, d]).
 
     Keeps the sum of (x - shift) [P, d] (float64) and the Gram matrices of (x - shift)
     [P, d, d] (float32) per position, so memory is O(P·d²) whatever the number of images and
@@ -136,12 +134,11 @@ class GaussianFit:
             self._shift = np.ascontiguousarray(batch_mean.T, dtype=np.float32)     # [d, P]
             # no zeroing pass: the first update writes the sums
             self._sum = np.empty((blocks, d, self._kernels.lanes), dtype=np.float64)
-            shape = (blocks * self._kernels.lanes, d, d)
-            # memory this process already touched where its heap keeps freed blocks (val.py's
-            # setting; in train.py's processes a fresh mapping): a fresh mapping's first touch
-            # costs more than a batch's update on this machine's VM
-            self._gram = (np.empty(shape, np.float32) if heap_keeps(int(np.prod(shape)) * 4)
-                          else mapped_empty(shape, np.float32))
+            # not zeroed, and not touched here: where the heap keeps freed blocks (utils/memory.py,
+            # val.py's setting and the benchmark's) this is memory the process already touched;
+            # else a fresh mapping, which the first update maps in 2 MiB pages, each thread its
+            # own slice (gaussian.c's populate), instead of a fault per 4 KiB page
+            self._gram = np.empty((blocks * self._kernels.lanes, d, d), dtype=np.float32)
             self._chunks = _even_slices(blocks, 4 * self.threads)
             return
         step = max(1, min(64, self.chunk_bytes // (d * d * 4)))
@@ -265,28 +262,6 @@ class GaussianFit:
         return mean.astype(np.float32), gram[:positions]
 
 
-def mapped_empty(shape, dtype, min_bytes: int = 16 << 20) -> np.ndarray:
-    """``np.empty`` for a large array in an anonymous mapping advised to use 2 MiB pages
-    (MADV_HUGEPAGE). Its pages are not mapped yet: the first Gram update maps each thread's slice
-    in one system call (gaussian.c's populate), so both cores zero pages at once. Faulting the fit's
-    125 MB Gram array in 4 KiB pages, one fault each, made its first batch several times slower
-    than the others; mapping it in 4 KiB pages up front still cost most of a batch. Falls back to
-    np.empty off Linux or where the kernel refuses."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
-    if anonymous is None or nbytes < min_bytes:
-        return np.empty(shape, dtype=dtype)
-    try:
-        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | anonymous)
-    except (OSError, ValueError):
-        return np.empty(shape, dtype=dtype)
-    try:
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError, ValueError):   # no transparent huge pages: 4 KiB pages then
-        pass
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
 def _even_slices(total: int, parts: int) -> list:
     bounds = np.linspace(0, total, max(1, min(parts, total)) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -405,6 +380,7 @@ def whitening_rows(whitening: np.ndarray, threads: int | None = None) -> tuple[n
         return None
     whitening = np.ascontiguousarray(whitening, dtype=np.float32)
     positions, d, _ = whitening.shape
+    threads = threads or available_cpus()
     support = {}
 
     def work(start, stop):
@@ -412,7 +388,7 @@ def whitening_rows(whitening: np.ndarray, threads: int | None = None) -> tuple[n
         kernels.row_support(whitening, start, stop, first)
         support[start] = first
 
-    run_over_chunks(work, _even_slices(positions, threads or available_cpus()), threads or available_cpus())
+    run_over_chunks(work, _even_slices(positions, threads), threads)
     first = np.min(list(support.values()), axis=0)
     order = np.argsort(first, kind="stable").astype(np.int32)
     return order, np.ascontiguousarray(first[order])

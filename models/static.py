@@ -1,7 +1,7 @@
 """Run Paddle layers through Paddle Inference with oneDNN on the CPU.
 
-Eager Paddle's CPU kernels run the ResNet18 model at ~24 img/s on 2 cores, the same model as a
-static graph under Paddle Inference with oneDNN at ~150 img/s (the eager and static throughput
+Eager Paddle's CPU kernels run the ResNet18 model at ~25 img/s on 2 cores, the same model as a
+static graph under Paddle Inference with oneDNN at ~140 img/s (the eager and static throughput
 rows of logs/benchmark_bottle_resnet18.log). Tracing and loading cost about half a second, so
 train.py and val.py use this for the backbone (and val.py for the whole model) on the CPU; GPUs
 keep eager Paddle (cuDNN is already fast there). The tracing and the predictor are export.py's.

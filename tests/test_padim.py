@@ -229,16 +229,6 @@ def test_gaussian_fit_of_positions_first_batches_equals_the_reference(batches):
     np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
 
 
-def test_mapped_empty_is_a_writable_array_of_the_shape():
-    from models.padim import mapped_empty
-
-    array = mapped_empty((3, 4, 5), np.float32, min_bytes=0)
-    assert array.shape == (3, 4, 5) and array.dtype == np.float32 and array.flags.c_contiguous
-    assert array.flags.writeable
-    array[...] = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
-    np.testing.assert_array_equal(array.sum(axis=(1, 2)), [190, 590, 990])
-
-
 def test_whitening_rows_of_a_model_order_triangle():
     """A fit's triangles with rows permuted, as PaDiM holds them: the structure lists every row
     by its first non-zero column, and the scoring with it equals the dense float64 distances."""

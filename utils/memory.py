@@ -5,7 +5,8 @@ fresh mmap and returns it to the kernel on free, so every batch pays a page faul
 every large tensor it writes: a [3136, 32, 100] float32 tensor is 40 MB, ~10,000 faults. Raising
 the mmap and trim thresholds keeps freed blocks in the heap, where the next batch reuses them:
 the ResNet18 PaDiM graph under Paddle Inference went from 111.8 to 145.2 img/s at batch 32
-(logs/benchmark_bottle_resnet18.log before and after; MobileNetV2 121.5 -> 355.9 on the demo).
+(logs/benchmark_bottle_resnet18.log as committed in b7c7f7e and b2122f9; MobileNetV2 121.5 -> 355.9
+on the demo).
 
 val.py, predict.py, infer.py and export_model.py do this (utils.cli.run_cli); train.py does not:
 there Paddle Inference's allocation pattern grew the heap by ~100 MB a batch over its first
@@ -29,7 +30,7 @@ TRIM_THRESHOLD = 512 << 20          # free memory at the top of the heap kept fo
 CAPPED_MMAP_THRESHOLD = 32 << 20   # some glibc versions refuse more (half their heap size)
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
-_applied = []   # [mmap threshold set, or 0]
+_applied = []
 
 
 def keep_large_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
@@ -38,28 +39,22 @@ def keep_large_buffers(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
     Does nothing (False) off Linux, on a C library without ``mallopt`` (musl), or when the user
     set glibc's own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` variables.
     """
-    if not _applied:
-        _applied.append(_set_thresholds(mmap_threshold, trim_threshold))
-    return _applied[0] > 0
+    if _applied:
+        return _applied[0]
+    _applied.append(_set_thresholds(mmap_threshold, trim_threshold))
+    return _applied[0]
 
 
-def heap_keeps(nbytes: int) -> bool:
-    """Whether a request of ``nbytes`` is served from the heap, which in this process keeps freed
-    large blocks (keep_large_buffers): memory the process most likely touched already, so cheaper
-    to write first than a fresh mapping."""
-    return bool(_applied) and int(nbytes) < _applied[0]
-
-
-def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> int:
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     if not sys.platform.startswith("linux") or any(name in os.environ for name in USER_SETTINGS):
-        return 0
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return 0
+        return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     if not mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)):
         mmap_threshold = min(int(mmap_threshold), CAPPED_MMAP_THRESHOLD)
         if not mallopt(M_MMAP_THRESHOLD, mmap_threshold):
-            return 0
-    return int(mmap_threshold) if mallopt(M_TRIM_THRESHOLD, max(int(trim_threshold), 2 * int(mmap_threshold))) else 0
+            return False
+    return bool(mallopt(M_TRIM_THRESHOLD, max(int(trim_threshold), 2 * int(mmap_threshold))))
