@@ -103,7 +103,7 @@ def main(argv=None):
               for start in range(0, len(images), args.batch_size)]
     autolog = None
     if args.enable_benchmark:
-        from utils.benchmark import auto_log_available, create_autolog
+        from utils.autolog import auto_log_available, create_autolog
         use_auto_log = runtime.backend == "paddle" and auto_log_available()
         log_dir = Path(args.save_path)
         if log_dir.suffix.lower() in (".png", ".jpg", ".jpeg"):
@@ -141,7 +141,7 @@ def main(argv=None):
             autolog.times.end(stamp=True)
     logger.info(f"Infer done: {len(images)} image(s), {anomalous} anomalous")
     if autolog:
-        from utils.benchmark import report
+        from utils.autolog import report
         report(autolog)
 
 

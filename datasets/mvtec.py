@@ -6,7 +6,6 @@ works, not only the 15 MVTec categories.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,10 +227,6 @@ def iterate_batches(dataset: MVTecDataset, batch_size: int, num_workers: int = 2
             yield Batch(np.stack([item[0] for item in loaded]),
                         np.stack([item[1] for item in loaded]),
                         [dataset.samples[i] for i in chunk])
-
-
-def default_num_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 class ImageList:

@@ -9,15 +9,13 @@ stages 1-3), so `--pretrained_backbone OUTPUT` loads it without conversion.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
 import paddle
 
 from models.backbones import BACKBONES, build_backbone, get_backbone_state
 from models.torch_weights import WeightsError
-from utils.files import give_plain_permissions
+from utils.files import temp_path_beside
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -52,17 +50,8 @@ def parse_args(argv=None):
 
 def save_state_atomically(state: dict, output: str) -> None:
     """Write with paddle.save to a temp file next to `output`, then rename: never a half file."""
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".pdparams.tmp")
-    os.close(fd)
-    try:
+    with temp_path_beside(output, suffix=".pdparams.tmp") as temp_path:
         paddle.save(state, temp_path)
-        give_plain_permissions(temp_path)
-        os.replace(temp_path, output)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
 
 
 def main(argv=None) -> int:

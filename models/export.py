@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from models.model_file import ModelFileError, read_meta
+from utils.numbers import available_cpus, max_relative_difference
 
 LOGGER = logging.getLogger("padim")
 
@@ -61,21 +62,6 @@ class ExportCheckError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def max_relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max |actual - expected| / |expected| elementwise (anomaly maps are positive distances)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    if actual.shape != expected.shape:
-        raise ValueError(f"shape {actual.shape} differs from {expected.shape}")
-    return float(np.max(np.abs(actual - expected) / np.maximum(np.abs(expected), 1e-12)))
-
-
-def available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
 
 def _stem(path: Path) -> str:
     return path.name[: -len(path.suffix)] if path.suffix else path.name

@@ -8,15 +8,13 @@ not copied in memory while saving, and loading never runs pickled code.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from utils.files import give_plain_permissions
+from utils.files import write_atomically
 
 FORMAT = "padim-paddle-model"
 FORMAT_VERSION = 1
@@ -26,29 +24,6 @@ BACKBONE_PREFIX = "backbone/"
 
 class ModelFileError(ValueError):
     """The model file is missing, damaged, from another version, or does not fit the request."""
-
-
-def write_atomically(path, write) -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        give_plain_permissions(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-    return path
-
-
-def write_text_atomically(path, text: str) -> Path:
-    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def save_model(path, meta: dict, arrays: dict, backbone_state: dict) -> Path:

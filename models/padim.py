@@ -5,7 +5,6 @@ feature positions, (H, W) the input image size.
 """
 from __future__ import annotations
 
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -18,6 +17,7 @@ from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
 from models.native import gaussian_kernels
+from utils.numbers import available_cpus
 
 DEFAULT_SEED = 7
 DEFAULT_EPS = 0.01
@@ -276,13 +276,6 @@ def host_array(tensor: paddle.Tensor) -> np.ndarray:
         return np.from_dlpack(tensor)
     except (TypeError, RuntimeError, BufferError, AttributeError):
         return tensor.numpy()
-
-
-def available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 _POOL = {}   # threads -> ThreadPoolExecutor, kept for the process (starting threads costs per call)

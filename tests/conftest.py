@@ -3,8 +3,6 @@ import sys
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message="No ccache found")
 
 import subprocess  # noqa: E402

@@ -91,9 +91,9 @@ def demo_root(tmp_path_factory):
 
 def test_quick_run_prints_the_table_and_writes_json(demo_root, tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--data_path", str(demo_root),
+    command = [sys.executable, "-m", "tools.benchmark", "--quick", "--data_path", str(demo_root),
                "--category", "demo", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     for text in ("| section", "fit time / extracting the features alone", "per-patch loop", "GEMM-bound limit",
                  "infer.py", "predict.py", "machine:"):

@@ -2,7 +2,7 @@
 import os
 import stat
 
-from models.model_file import write_text_atomically
+from utils.files import write_text_atomically
 
 
 def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):

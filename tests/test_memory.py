@@ -12,7 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, resource, sys
 import numpy as np
-sys.path.insert(0, {root!r})
 from utils.memory import keep_large_buffers
 applied = keep_large_buffers() if sys.argv[1] == "kept" else False
 def faults():
@@ -23,13 +22,13 @@ for _ in range(2):                 # warm-up: the first round may grow the heap
 before = faults()
 for _ in range(4):
     buffer = np.empty(n, dtype=np.uint8); buffer.fill(1); del buffer
-print(json.dumps({{"applied": applied, "faults_per_round": (faults() - before) / 4, "pages": n // 4096}}))
+print(json.dumps({"applied": applied, "faults_per_round": (faults() - before) / 4, "pages": n // 4096}))
 """
 
 
 def probe(mode: str, env=None) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT)), mode], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                         check=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

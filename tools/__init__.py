@@ -1,1 +1,1 @@
-"""Developer tools run from the repository root, e.g. ``python tools/benchmark.py``."""
+"""Developer tools run from the repository root, e.g. ``python -m tools.benchmark``."""

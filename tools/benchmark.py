@@ -18,10 +18,10 @@ Measures, on this machine, in one run:
             onnxruntime matmul, all cores), and each path's images/s as a fraction of it.
 Prints one table (measurement, target, PASS/FAIL) and writes everything to a JSON file.
 
-    python tools/benchmark.py                                       # demo category, resnet18
-    python tools/benchmark.py --data_path /work/shared/data/mvtec --category bottle --json bottle.json
-    python tools/benchmark.py --backbone mobilenet_v2
-    python tools/benchmark.py --quick                               # tiny smoke run, < 1 minute
+    python -m tools.benchmark                                       # demo category, resnet18
+    python -m tools.benchmark --data_path /work/shared/data/mvtec --category bottle --json bottle.json
+    python -m tools.benchmark --backbone mobilenet_v2
+    python -m tools.benchmark --quick                               # tiny smoke run, < 1 minute
 
 Backbone weights default to 'random': speed does not depend on the weights, and no ResNet
 ImageNet weights exist on the offline machines.
@@ -34,8 +34,6 @@ import sys
 # Paddle's import sets OMP_NUM_THREADS=1; the fit processes must start like train.py from a shell.
 _ORIGINAL_OMP = os.environ.get("OMP_NUM_THREADS")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -53,6 +51,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import utils  # noqa: E402,F401  (filters paddle's ccache warning before paddle is imported)
+from utils.numbers import available_cpus, max_relative_difference  # noqa: E402
 
 RESULT_TAG = "BENCHMARK_RESULT "
 BATCH = 32
@@ -69,10 +68,6 @@ TARGET_STATIC_PARITY = 1e-3        # static maps equal the eager ones (export_mo
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
@@ -105,12 +100,6 @@ def threads_working(before: dict, after: dict) -> int | None:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2 ** 30:.2f} GiB"
-
-
-def max_relative_difference(actual, expected) -> float:
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(np.max(np.abs(actual - expected) / np.maximum(np.abs(expected), 1e-12)))
 
 
 def child_env() -> dict:
@@ -372,7 +361,7 @@ def run_worker(job: dict) -> dict:
 
 
 def spawn_worker(job: dict, timeout: float = 3600) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
+    command = [sys.executable, "-m", "tools.benchmark", "--worker", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True, env=child_env(), cwd=_ROOT, timeout=timeout)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_TAG):

@@ -1,14 +1,12 @@
 """Compare the exported graph with the dynamic model on a whole test split:
-`python tools/check_parity.py --model_path M --export_dir D [--data_path R --category C]`.
+`python -m tools.check_parity --model_path M --export_dir D [--data_path R --category C]`.
 
 Prints, for Paddle Inference with oneDNN off and on and for onnxruntime (when D has model.onnx),
 the maximum relative difference of the anomaly maps and image scores, and how many verdicts differ.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402,F401  (filters paddle's ccache warning)
 
 
@@ -26,8 +24,8 @@ def main():
 
     from datasets.mvtec import MVTecDataset, iterate_batches
     from models.backbones import set_num_threads
-    from models.export import (InferenceSettings, OnnxModel, PaddleInferenceModel, load_metadata,
-                               max_relative_difference)
+    from models.export import InferenceSettings, OnnxModel, PaddleInferenceModel, load_metadata
+    from utils.numbers import max_relative_difference
     from models.model_file import load_model
     from models.pipeline import build_model, thresholds_of
     from utils.cli import resolve_data

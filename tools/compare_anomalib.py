@@ -5,7 +5,7 @@ It needs a Python with torch and anomalib, which this project does not install:
 
     python -m venv /tmp/anomalib-venv
     /tmp/anomalib-venv/bin/pip install torch torchvision anomalib==2.7.0   # CPU wheels
-    /tmp/anomalib-venv/bin/python tools/compare_anomalib.py --data_path ../shared/data/mvtec \\
+    /tmp/anomalib-venv/bin/python -m tools.compare_anomalib --data_path ../shared/data/mvtec \\
         --category bottle --json logs/anomalib_bottle_resnet18.json
 
 Measured (ResNet18 layer1-3, d=100, 224, random weights as in the benchmark: no download):
@@ -32,7 +32,6 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
@@ -100,7 +99,7 @@ def fit_worker(args, repeat: int) -> dict:
 
 
 def spawn(args, repeat: int) -> dict:
-    command = [sys.executable, __file__, "--worker", str(repeat), "--data_path", args.data_path,
+    command = [sys.executable, "-m", "tools.compare_anomalib", "--worker", str(repeat), "--data_path", args.data_path,
                "--category", args.category, "--threads", str(args.threads), "--num_workers", str(args.num_workers)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     for line in done.stdout.splitlines():

@@ -2,7 +2,7 @@
 measured in alternation (so that a slower spell of a shared machine hits both), and the largest
 difference between their anomaly maps.
 
-    python tools/compare_exports.py --a OLD_EXPORT_DIR --b NEW_EXPORT_DIR [--batch_size 32] [--rounds 8]
+    python -m tools.compare_exports --a OLD_EXPORT_DIR --b NEW_EXPORT_DIR [--batch_size 32] [--rounds 8]
 
 Each folder is what export_model.py writes (model.json + model.pdiparams). Typical use: export
 one model file with two commits of this repository (e.g. a `git worktree` of the older one) and
@@ -11,11 +11,9 @@ compare; the input is random (speed does not depend on the pixels).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 

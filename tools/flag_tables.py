@@ -1,10 +1,7 @@
-"""Print the README's flag tables from the scripts' own parsers: `python tools/flag_tables.py`."""
+"""Print the README's flag tables from the scripts' own parsers: `python -m tools.flag_tables`."""
 import argparse
 import importlib
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPTS = ("train", "val", "predict", "export_model", "infer")
 

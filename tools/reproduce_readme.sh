@@ -32,7 +32,7 @@ $PY predict.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" \
 # Deployment: export the bottle model and run the static graph (oneDNN) on the same defective image.
 $PY export_model.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" --save_dir "$OUT/mobilenet_v2/export" \
     --onnx True
-$PY tools/check_parity.py --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" --export_dir "$OUT/mobilenet_v2/export" \
+$PY -m tools.check_parity --model_path "$OUT/mobilenet_v2/bottle/best.pdparams" --export_dir "$OUT/mobilenet_v2/export" \
     --data_path "$DATA" --category bottle > logs/bottle_mobilenet_v2_parity.log
 $PY infer.py --model_file "$OUT/mobilenet_v2/export/model.json" --use_gpu False --enable_mkldnn True \
     --input_file "$DATA/bottle/test/broken_small/000.png" --save_path "$OUT/mobilenet_v2/infer" --category bottle \

@@ -1,5 +1,5 @@
 """Print the TIPC results table from a driver run's logs:
-`python tools/tipc_table.py [test_tipc/output/PaDiM]` (used for test_tipc/README.md)."""
+`python -m tools.tipc_table [test_tipc/output/PaDiM]` (used for test_tipc/README.md)."""
 import re
 import sys
 from pathlib import Path

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.model_file import write_text_atomically
+from utils.files import write_text_atomically
 from utils.metrics import decision_threshold, f1_max_threshold, image_auroc, pixel_auroc, pro_auc, roc_points
 
 METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pro_auc")

@@ -6,8 +6,6 @@ taken from the image being drawn: a normal image stays blue.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -21,23 +19,16 @@ from matplotlib import colors as mcolors  # noqa: E402
 from skimage import morphology  # noqa: E402
 from skimage.segmentation import mark_boundaries  # noqa: E402
 
-from utils.files import give_plain_permissions  # noqa: E402
+from utils.files import temp_path_beside  # noqa: E402
 
 
 def _save(figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(temp_name, dpi=100)
-        give_plain_permissions(temp_name)
-        os.replace(temp_name, path)
+        with temp_path_beside(path, suffix=Path(path).suffix or ".png") as temp_name:
+            figure.savefig(temp_name, dpi=100)
     finally:
         plt.close(figure)
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    return Path(path)
 
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
