@@ -101,7 +101,7 @@ def fit_worker(args, repeat: int) -> dict:
 def spawn(args, repeat: int) -> dict:
     command = [sys.executable, "-m", "tools.compare_anomalib", "--worker", str(repeat), "--data_path", args.data_path,
                "--category", args.category, "--threads", str(args.threads), "--num_workers", str(args.num_workers)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
