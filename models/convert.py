@@ -8,29 +8,21 @@ stages 1-3), so `--pretrained_backbone OUTPUT` loads it without conversion.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import paddle
 
 from models.backbones import BACKBONES, build_backbone, get_backbone_state
 from models.torch_weights import WeightsError
+from utils.cli import new_parser
 from utils.files import temp_path_beside
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """Usage mistakes are reported like every other error: one 'error: ' line, exit code 2."""
-
-    def error(self, message):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    parser = _OneLineErrorParser(
+    parser = new_parser(
+        "Convert a torchvision (or Paddle) checkpoint into a Paddle .pdparams holding the backbone "
+        "layers PaDiM uses. torch is not needed; nothing in the input file is executed.",
         prog="python -m models.convert",
-        description="Convert a torchvision (or Paddle) checkpoint into a Paddle .pdparams "
-        "holding the backbone layers PaDiM uses. torch is not needed.",
     )
     parser.add_argument(
         "--backbone", required=True, choices=BACKBONES,

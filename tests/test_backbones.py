@@ -367,3 +367,31 @@ def test_convert_cli_round_trip_and_errors(tmp_path):
 def test_set_num_threads():
     assert set_num_threads(1) == 1
     assert set_num_threads() >= 1
+
+
+def test_only_the_extractors_arrays_are_read(tmp_path, monkeypatch):
+    """A full network's file (layer4, fc) fits resnet18's extractor; only the extractor's arrays
+    are built, the rest is never materialised."""
+    import models.paddle_weights as paddle_weights
+
+    paddle.seed(6)
+    full_model = paddle.vision.models.resnet18()
+    path = tmp_path / "full.pdparams"
+    paddle.save(full_model.state_dict(), str(path))
+    built = []
+    original = paddle_weights._ArraySpec.build
+    monkeypatch.setattr(paddle_weights._ArraySpec, "build", lambda self: built.append(self.shape) or original(self))
+    extractor = build_backbone("resnet18", weights=path)
+    expected = {k: tuple(v.shape) for k, v in extractor.state_dict().items()}
+    assert sorted(built) == sorted(expected.values())
+    assert len(full_model.state_dict()) > len(built)
+
+
+def test_two_names_for_one_parameter_are_refused(tmp_path):
+    """'module.conv1.weight' and 'conv1.weight' both rename to conv1.weight: ambiguous, refused."""
+    state = _torchvision_names(get_backbone_state(FeatureExtractor("resnet18")))
+    state["module.conv1.weight"] = state["conv1.weight"]
+    path = tmp_path / "twice.pth"
+    writers.write_torch_zip(path, state)
+    with pytest.raises(WeightsError, match="twice.pth: both conv1.weight and module.conv1.weight hold conv1.weight"):
+        build_backbone("resnet18", weights=path)

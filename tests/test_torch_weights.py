@@ -365,3 +365,76 @@ def test_real_torchvision_mobilenet_v2_file():
     # Trained BatchNorm statistics, not an initialisation: variances positive and varied.
     running_var = state["features.0.1.running_var"]
     assert (running_var > 0).all() and running_var.std() > 0.1
+
+
+def _write_deflated_zip(path, tensor: FakeTensor, record_bytes: int) -> None:
+    """A torch zip whose one storage record is `record_bytes` zeros, deflated (a few KB per MB)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", _pickle_object(collections.OrderedDict(w=tensor), legacy=False))
+        with archive.open(f"archive/data/{tensor.storage.key}", "w") as record:
+            chunk = bytes(1 << 20)
+            for _ in range(record_bytes >> 20):
+                record.write(chunk)
+
+
+def _huge_storage(numel: int) -> FakeStorage:
+    storage = FakeStorage("0", np.zeros(1, np.float32))
+    storage.elements = np.broadcast_to(np.float32(0), (numel,))  # declares numel, holds nothing
+    return storage
+
+
+def test_declared_sizes_are_checked_before_storages_are_read(tmp_path):
+    """A small compressed zip declaring 64 MiB: refused from the declared sizes, so the
+    reader's peak allocation stays far below what the file would inflate to."""
+    import tracemalloc
+
+    numel = 16 << 20
+    storage = _huge_storage(numel)
+    whole = tmp_path / "whole.pth"     # a tensor as large as its storage: more than the file holds
+    _write_deflated_zip(whole, FakeTensor(storage, 0, (numel,), (1,)), numel * 4)
+    view = tmp_path / "view.pth"       # a small tensor that views a huge storage
+    _write_deflated_zip(view, FakeTensor(storage, 0, (4,), (1,)), numel * 4)
+    assert whole.stat().st_size < 1 << 20 and view.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsError, match="whole.pth: truncated or crafted: declares 67108864 bytes of arrays"):
+            load_torch_checkpoint(whole)
+        with pytest.raises(WeightsError, match="view.pth: truncated or crafted: declares 67108864 bytes of storage"):
+            load_torch_checkpoint(view, select=lambda shapes: list(shapes))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_select_sees_declared_shapes_and_limits_what_is_read(tmp_path):
+    path = tmp_path / "state.pth"
+    write_torch_zip(path, {"keep": np.arange(6, dtype=np.float32).reshape(2, 3), "drop": np.zeros(5, np.int64)})
+    seen = {}
+
+    def select(shapes):
+        seen.update(shapes)
+        return ["keep"]
+
+    loaded = load_torch_checkpoint(path, select)
+    assert seen == {"keep": (2, 3), "drop": (5,)}
+    assert list(loaded) == ["keep"]
+    np.testing.assert_array_equal(loaded["keep"], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+    def refuse(shapes):
+        raise WeightsError("does not fit")
+
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_torch_checkpoint(path, refuse)
+
+
+def test_legacy_storage_count_beyond_the_file_is_refused(tmp_path):
+    path = tmp_path / "count.pth"
+    write_torch_legacy(path, {"w": np.arange(4, dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    count_at = len(data) - 16 - 8           # the 8-byte element count before the 16 data bytes
+    assert struct.unpack("<q", data[count_at:count_at + 8]) == (4,)
+    data[count_at:count_at + 8] = struct.pack("<q", 1 << 40)
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="count.pth: truncated or corrupt .*file ends inside storage"):
+        load_torch_checkpoint(path)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from datasets.mvtec import DataError, parse_size
+from datasets.mvtec import DataError, check_category_name, parse_size
 from models.model_file import ModelFileError
 from utils.memory import keep_large_buffers
 
@@ -66,9 +66,25 @@ def size_arg(value):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def category_arg(value: str) -> str:
+    """--category: a plain folder name (or 'all'); never a path that leaves --data_path or --save_path."""
+    try:
+        return check_category_name(value)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Flag mistakes are reported like every other user error: one 'error: ' line, exit code 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def new_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    return OneLineErrorParser(prog=prog, description=description,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_data_args(parser, with_category_all: bool = True) -> None:
@@ -77,7 +93,7 @@ def add_data_args(parser, with_category_all: bool = True) -> None:
                        help="MVTec AD root (the folder holding <category>/train/good). Omitted: the "
                             "built-in synthetic demo category, generated once into a cache folder "
                             f"(the original's default was {ORIGINAL_DATA_PATH})")
-    group.add_argument("--category", default=None,
+    group.add_argument("--category", type=category_arg, default=None,
                        help="category folder under --data_path"
                             + (", or 'all' for every category found there" if with_category_all else "")
                             + f". Default: 'demo' without --data_path, '{ORIGINAL_CATEGORY}' with it")
@@ -134,11 +150,17 @@ def add_device_arg(parser, static_graph_help: str | None = None) -> None:
 
 
 def backbone_name(args) -> str | None:
-    """The backbone the flags ask for (None when neither flag was given to a reading script)."""
-    from models.backbones import DEPTH_TO_BACKBONE
-    if args.backbone:
-        return args.backbone
-    return DEPTH_TO_BACKBONE[args.depth] if args.depth is not None else None
+    """The backbone the flags ask for (None when neither flag was given to a reading script).
+    With a --d_reduced flag (train.py), also checks that the backbone's stages have that many
+    channels, so an impossible value stops before any data is read or fitted."""
+    from models.backbones import DEPTH_TO_BACKBONE, STAGE_CHANNELS
+    name = args.backbone or (DEPTH_TO_BACKBONE[args.depth] if args.depth is not None else None)
+    d_reduced = getattr(args, "d_reduced", None)
+    if name is not None and d_reduced is not None and d_reduced > sum(STAGE_CHANNELS[name]):
+        channels = STAGE_CHANNELS[name]
+        raise UsageError(f"--d_reduced {d_reduced} is more than the {sum(channels)} channels of {name}'s stages "
+                         f"({' + '.join(map(str, channels))})")
+    return name
 
 
 def weights_choice(args) -> str:
