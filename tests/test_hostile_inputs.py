@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -189,7 +190,6 @@ def test_malicious_pdparams_through_the_command_lines(tmp_path):
     assert not (out / "tiny" / "best.pdparams").exists()
 
     output = tmp_path / "converted.pdparams"
-    import subprocess
     result = subprocess.run([sys.executable, "-m", "models.convert", "--backbone", "resnet18", "--input", str(evil),
                              "--output", str(output)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -472,14 +472,34 @@ def test_unreadable_folders_are_data_errors(tmp_path, monkeypatch):
         list_categories(data)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root is never denied a folder")
-def test_unreadable_test_folder_through_train_py(tmp_path):
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which permissions apply: as root, drop the capabilities that
+    bypass them (setpriv), else nothing."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a folder cannot be made unreadable")
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+    if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root and setpriv cannot drop capabilities here")
+    return prefix
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_unreadable_folder_through_train_py(tmp_path, split):
+    prefix = _without_root_file_access()
     data = make_category(tmp_path / "data")
-    (data / "tiny" / "test").chmod(0)
+    folder = data / "tiny" / split
+    folder.chmod(0)
     try:
-        result = run_script("train.py", "--data_path", data, "--category", "tiny", "--backbone", "mobilenet_v2",
-                            "--save_path", tmp_path / "out", "--resize", "64", "--crop_size", "64")
+        result = subprocess.run([*prefix, sys.executable, str(REPO_ROOT / "train.py"), "--data_path", str(data),
+                                 "--category", "tiny", "--backbone", "mobilenet_v2", "--save_path",
+                                 str(tmp_path / "out"), "--resize", "64", "--crop_size", "64"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     finally:
-        (data / "tiny" / "test").chmod(0o755)
-    assert_user_error(result, "Permission denied")
+        folder.chmod(0o755)
+    assert_user_error(result, f"cannot read {folder}: Permission denied")
     assert not (tmp_path / "out").exists()
