@@ -44,6 +44,7 @@ def main():
     from models.backbones import set_num_threads
     from models.model_file import save_model
     from models.pipeline import fit_padim, use_device
+    from utils.files import exclusive_folder, remove_previous_results
     from utils.logger import close_file_handlers, get_logger
 
     set_num_threads()
@@ -57,25 +58,29 @@ def main():
         train_set = MVTecDataset(root, category, "train", args.resize, args.crop_size)
         if args.val:
             MVTecDataset(root, category, "test", args.resize, args.crop_size)  # fail before fitting
-        logger = get_logger(out_dir / "train.log")
-        print(f"Training model for {category}")
-        logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
-        model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
-                                       batch_size=args.batch_size, num_workers=args.num_workers,
-                                       print_freq=args.print_freq, static_graph=args.static_graph)
-        logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
-                    f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
-        logger.info("Saving model...")
-        model_path = out_dir / "best.pdparams"
-        save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
-        logger.info(f"Save model in {model_path}")
-        del model_file
-        if args.val:
-            from val import evaluate_category
-            results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
-                                                  args.num_workers, args.save_picture, logger=logger,
-                                                  static_graph=args.static_graph)
-        close_file_handlers()
+        with exclusive_folder(out_dir):   # one writer per model folder, from the fit to the last result file
+            logger = get_logger(out_dir / "train.log")
+            print(f"Training model for {category}")
+            logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
+            model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
+                                           batch_size=args.batch_size, num_workers=args.num_workers,
+                                           print_freq=args.print_freq, static_graph=args.static_graph)
+            logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
+                        f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
+            logger.info("Saving model...")
+            model_path = out_dir / "best.pdparams"
+            removed = remove_previous_results(out_dir, category)
+            if removed:
+                logger.info(f"Removed {len(removed)} result files of the previous model from {out_dir}")
+            save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
+            logger.info(f"Save model in {model_path}")
+            del model_file
+            if args.val:
+                from val import evaluate_category
+                results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
+                                                      args.num_workers, args.save_picture, logger=logger,
+                                                      static_graph=args.static_graph)
+            close_file_handlers()
     if args.val and len(categories) > 1:
         from utils.evaluation import markdown_table, summary_rows, write_summary
         rows = summary_rows(results)

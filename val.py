@@ -89,6 +89,7 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
 def evaluate_all(args, logger_factory=None) -> dict:
     from models.pipeline import use_device
     from utils.evaluation import markdown_table, summary_rows, write_summary
+    from utils.files import exclusive_folder
     from utils.logger import close_file_handlers
 
     root, _ = resolve_data(args)
@@ -100,10 +101,12 @@ def evaluate_all(args, logger_factory=None) -> dict:
     results = {}
     for category in categories:
         model_path = args.model_path or Path(args.save_path) / category / "best.pdparams"
-        results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
-                                              args.num_workers, args.save_picture, backbone_name(args), args.seed,
-                                              static_graph=args.static_graph)
-        close_file_handlers()
+        # One writer per folder: the results' and the model's (val.py stores thresholds in it).
+        with exclusive_folder(Path(args.save_path) / category), exclusive_folder(Path(model_path).parent, create=False):
+            results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
+                                                  args.num_workers, args.save_picture, backbone_name(args), args.seed,
+                                                  static_graph=args.static_graph)
+            close_file_handlers()
     if len(categories) > 1:
         rows = summary_rows(results)
         csv_path, md_path = write_summary(args.save_path, rows)

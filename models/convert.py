@@ -61,4 +61,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.cli import run_cli
+    run_cli(lambda: sys.exit(main()), keep_buffers=False)   # SIGTERM removes the temp file too

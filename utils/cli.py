@@ -3,12 +3,17 @@ rule that a user error is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from datasets.mvtec import DataError, check_category_name, parse_size
 from models.model_file import ModelFileError
+from utils.files import OutputError, describe_os_error
 from utils.memory import keep_large_buffers
 
 EXIT_USER_ERROR = 2
@@ -24,7 +29,7 @@ class UsageError(ValueError):
 
 def user_errors() -> tuple:
     from models.torch_weights import WeightsError
-    return (UsageError, DataError, ModelFileError, WeightsError)
+    return (UsageError, DataError, ModelFileError, WeightsError, OutputError)
 
 
 def str2bool(value) -> bool:
@@ -194,18 +199,85 @@ def categories_to_run(root: Path, category: str) -> list[str]:
     return [category]
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` runs (temp files
+    are removed, locks released) before the process exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+def _raise_terminated(signum, frame):
+    # A repeated signal must not interrupt the cleanup the first one started.
+    for name in ("SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise ``Terminated``; a signal the parent set to be ignored (nohup)
+    stays ignored."""
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name)
+        if signal.getsignal(signum) in (signal.SIG_DFL, _raise_terminated):
+            signal.signal(signum, _raise_terminated)
+
+
+class _ReinstallAfterPaddleImport(importlib.abc.MetaPathFinder):
+    """Importing paddle installs a C-level SIGTERM handler that prints a C++ report and exits at
+    once, without running Python's ``finally`` blocks; this sets ours again right after paddle's
+    own module has run, whenever (and whether) a script imports paddle."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "paddle":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run_module = spec.loader.exec_module
+
+            def run_then_reinstall(module):
+                run_module(module)
+                install_signal_handlers()
+            spec.loader.exec_module = run_then_reinstall
+        return spec
+
+
+def _reinstall_signal_handlers_after_paddle() -> None:
+    if "paddle" in sys.modules:
+        install_signal_handlers()
+    elif not any(isinstance(finder, _ReinstallAfterPaddleImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ReinstallAfterPaddleImport())
+
+
 def run_cli(main, keep_buffers: bool = True) -> None:
-    """Run ``main()``; user errors become one line on stderr and exit code 2. With
-    ``keep_buffers``, glibc keeps freed large buffers for reuse (utils/memory.py: inference
-    batches no longer page-fault their tensors); train.py leaves glibc's defaults, under which
-    the fit's peak RSS stays flat."""
+    """Run ``main()``; user errors, disk and path errors become one line on stderr and exit code
+    2; Ctrl-C exits 130 and SIGTERM/SIGHUP 128 + the signal, each with one line, after the
+    ``finally`` blocks have removed temp files. With ``keep_buffers``, glibc keeps freed large
+    buffers for reuse (utils/memory.py: inference batches no longer page-fault their tensors);
+    train.py leaves glibc's defaults, under which the fit's peak RSS stays flat."""
     if keep_buffers:
         keep_large_buffers()
+    install_signal_handlers()
+    _reinstall_signal_handlers_after_paddle()
+    # A log line that cannot be written (full disk) must not print a traceback per line; the
+    # write that matters fails on its own with one clear line.
+    logging.raiseExceptions = False
     try:
         main()
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as exc:
+        message = describe_os_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated as exc:
+        print(f"stopped by {exc.signal_name}", file=sys.stderr)
+        sys.exit(exc.code)
