@@ -20,7 +20,6 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from scipy.linalg import lapack
 from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
@@ -154,11 +153,11 @@ class GaussianFit:
     - 'paddle': Paddle tensors on the current device; the sums stay there across updates and
       are copied to the host only in ``finalize``, a slice of positions at a time.
 
-    ``finalize`` runs on the host for both: per position, a float64 LAPACK Cholesky of
-    cov = N-1 estimate + eps·I and the inverse of its factor. It writes the whitening over the
-    Gram array slice by slice (the NumPy backend; the Paddle backend's Gram stays on the device
-    and its slices land in the host array that becomes the whitening), so no memory ever holds
-    two [P, d, d] arrays.
+    ``finalize`` runs on the host for both, in float64 over slices of positions in threads: the
+    batched Cholesky factor L of cov = N-1 estimate + eps·I, then L's inverse. It writes the
+    whitening over the Gram array slice by slice (the NumPy backend; the Paddle backend's Gram
+    stays on the device and its slices land in the host array that becomes the whitening), so
+    no memory ever holds two [P, d, d] arrays.
     """
 
     def __init__(self, backend: str | None = None, threads: int | None = None, chunk_bytes: int = 16 << 20):
@@ -366,19 +365,38 @@ def _gaussian(gram: np.ndarray, sums: np.ndarray, n: int, eps: float, first_posi
 
 
 def _whitening(cov: np.ndarray, first_position: int = 0) -> np.ndarray:
-    """[p, d, d] float64 covariances -> [p, d, d] float64 L⁻ᵀ with cov = L Lᵀ: LAPACK's Cholesky
-    (potrf) and triangular inverse (trtri) per matrix, each a third of the flops of a general
-    inverse."""
-    whitening = np.empty_like(cov)
-    for k, matrix in enumerate(cov):
-        lower, info = lapack.dpotrf(matrix, lower=1, clean=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"covariance at position {first_position + k} is not positive definite")
-        inverse, info = lapack.dtrtri(lower, lower=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"covariance at position {first_position + k} is singular")
-        whitening[k] = inverse.T
-    return whitening
+    """[p, d, d] float64 covariances -> [p, d, d] float64 L⁻ᵀ with cov = L Lᵀ. NumPy's batched
+    Cholesky and matmuls release the GIL, so slices of positions run in parallel threads
+    (SciPy's wrappers of LAPACK's potrf and trtri hold it)."""
+    try:
+        lower = np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        bad = next((k for k, matrix in enumerate(cov) if not _positive_definite(matrix)), 0)
+        raise np.linalg.LinAlgError(f"covariance at position {first_position + bad} is not positive definite") from None
+    return np.swapaxes(_lower_inverse(lower), 1, 2)
+
+
+def _positive_definite(matrix: np.ndarray) -> bool:
+    try:
+        np.linalg.cholesky(matrix)
+        return True
+    except np.linalg.LinAlgError:
+        return False
+
+
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverses of lower-triangular matrices [p, d, d] by 2×2 block recursion,
+    [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]]: batched matmuls do the work, with about
+    the flops of LAPACK's triangular inverse; blocks of up to 24 go to np.linalg.inv."""
+    d = lower.shape[-1]
+    if d <= 24:
+        return np.linalg.inv(lower)
+    h = d // 2
+    top, bottom = _lower_inverse(lower[:, :h, :h]), _lower_inverse(lower[:, h:, h:])
+    inverse = np.zeros_like(lower)
+    inverse[:, :h, :h], inverse[:, h:, h:] = top, bottom
+    inverse[:, h:, :h] = -np.matmul(bottom, np.matmul(lower[:, h:, :h], top))
+    return inverse
 
 
 def covariance_from_whitening(whitening: np.ndarray) -> np.ndarray:
