@@ -13,8 +13,8 @@ from tqdm import tqdm
 from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
 from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
 from models.model_file import ModelFile
-from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, Embedding, GaussianFit, PaDiM, channel_indices,
-                          mahalanobis_in_chunks, smooth, smoothing_pair)
+from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, AnomalyMap, Embedding, GaussianFit, PaDiM,
+                          channel_indices, grouped_by_stage, mahalanobis_in_chunks)
 from models.static import static_runner_or_none
 
 LOGGER = logging.getLogger("padim")
@@ -66,7 +66,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     backbone = build_backbone(backbone_name, weights)
     total_channels = int(sum(backbone.channels))
     d = DEFAULT_D[backbone_name] if d is None else int(d)
-    idx = channel_indices(total_channels, d, seed)
+    idx = grouped_by_stage(channel_indices(total_channels, d, seed))
     image_size = dataset.transform.crop_size
     grid = feature_grid_of(backbone, image_size)
     embedding = Embedding(backbone.channels, idx)
@@ -84,7 +84,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         tick = time.perf_counter()
         embeddings = extract(batch.images)
         tock = time.perf_counter()
-        gaussian.update(embeddings, positions_first=True)
+        gaussian.update(embeddings)
         if sum(k.shape[1] for k in kept) < STATISTICS_IMAGES:
             kept.append(np.array(embeddings[:, :STATISTICS_IMAGES - sum(k.shape[1] for k in kept)]))
         done = time.perf_counter()
@@ -98,7 +98,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     tick = time.perf_counter()
     mean, whitening = gaussian.finalize(eps)
     gaussian_time += time.perf_counter() - tick
-    statistics = training_statistics(np.concatenate(kept, axis=1).transpose(1, 2, 0), mean, whitening, grid,
+    statistics = training_statistics(np.concatenate(kept, axis=1), mean, whitening, grid,
                                      image_size, sigma)
     meta = {
         "version": VERSION,
@@ -127,11 +127,10 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
 
 
 def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph: bool = True):
-    """images [B, 3, H, W] -> embeddings [P, B, d] in idx order: a NumPy array from a Paddle
-    Inference graph (CPU, ``static_graph``), else an eager Paddle tensor. Positions first: the
-    Gaussian fit's kernels read that layout sequentially."""
+    """images [B, 3, H, W] -> embeddings [P, B, d]: a NumPy array from a Paddle Inference graph
+    (CPU, ``static_graph``), else an eager Paddle tensor."""
     def embed(images):
-        return embedding.to_idx_order(embedding(backbone(images), positions_first=True), positions_first=True)
+        return embedding(backbone(images))
 
     runner = static_runner_or_none([backbone, embedding], embed, image_size, "backbone", static_graph)
     if runner is not None:
@@ -149,11 +148,10 @@ def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph
 
 def training_statistics(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, grid, image_size,
                         sigma: float) -> dict:
-    """Score range of (some) training images: the fallback threshold and the colour scale."""
-    rows, cols_t = smoothing_pair(grid, image_size, sigma)
+    """Score range of (some) training images, embeddings [P, B, d]: the fallback threshold and the colour scale."""
     with paddle.no_grad():
         distances = mahalanobis_in_chunks(paddle.to_tensor(embeddings), mean, whitening)
-        maps = smooth(distances.reshape([-1, *grid]), rows, cols_t).numpy()
+        maps = AnomalyMap(grid, image_size, sigma)(distances).numpy()
     image_scores = maps.reshape(len(maps), -1).max(axis=1)
     return {
         "n_images": int(len(maps)),

@@ -12,22 +12,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def correlated(n, d, positions, seed):
+    """[P, N, d] float32 embeddings."""
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(positions, d, d)) / np.sqrt(d)
-    base = rng.normal(size=(n, positions, d))
-    features = np.einsum("npk,pdk->ndp", base, mixing) + 0.5 * rng.normal(size=(n, d, positions)) + 3.0
+    base = rng.normal(size=(positions, n, d))
+    features = np.einsum("pnk,pdk->pnd", base, mixing) + 0.5 * rng.normal(size=(positions, n, d)) + 3.0
     return features.astype(np.float32)
 
 
 def test_per_patch_loop_equals_vectorised_fit_and_scoring():
-    from tools.benchmark import loop_fit, loop_score, positions_first_batches, vectorised_fit, vectorised_score
+    from tools.benchmark import loop_fit, loop_score, tensor_batches, vectorised_fit, vectorised_score
 
     train, test = correlated(40, 8, 12, seed=0), correlated(5, 8, 12, seed=1)
     positions = np.arange(12)
-    loop_mean, cov = loop_fit(train, positions)
-    reference = loop_score(test, loop_mean, cov, positions)
+    loop_mean, cov = loop_fit(train.transpose(1, 2, 0), positions)        # the original's [N, d, P]
+    reference = loop_score(test.transpose(1, 2, 0), loop_mean, cov, positions)
     mean, whitening = vectorised_fit(train, batch_size=16)
-    distances = vectorised_score(positions_first_batches(test, batch_size=4), mean, whitening)
+    distances = vectorised_score(tensor_batches(test, batch_size=4), mean, whitening)
     assert distances.shape == reference.shape == (5, 12)
     np.testing.assert_allclose(distances, reference, rtol=1e-4)
     np.testing.assert_allclose(mean.T, loop_mean, rtol=1e-5)
@@ -105,13 +106,3 @@ def test_quick_run_prints_the_table_and_writes_json(demo_root, tmp_path):
     assert report["results"]["rss"]["large"]["n_images"] == 2 * report["results"]["rss"]["small"]["n_images"]
     assert {row["status"] for row in report["table"]} <= {"", "PASS", "FAIL"}
     assert any(row["status"] for row in report["table"])
-
-
-def test_streaming_traffic_counts_each_pass_of_the_stage():
-    """3 train images in batches of 2, 2 test images, d=2, P=5 (float32): embeddings read once
-    (120 + 80 B), packed triangles (5 positions x 3 entries x 4 B = 60 B) read and written per
-    train batch (2 x 120) and read at finalize (60), the whitening (5 x 2 x 2 x 4 = 80 B) written
-    once, its triangles read for the zero structure (60) and per test batch (60)."""
-    from tools.benchmark import streaming_traffic
-
-    assert streaming_traffic(3, 2, 2, 5, batch_size=2) == 120 + 240 + 60 + 80 + 60 + 80 + 60

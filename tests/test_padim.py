@@ -8,147 +8,237 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from models.padim import (Embedding, GaussianFit, PaDiM, channel_indices, covariance_from_whitening,
-                          mahalanobis, mahalanobis_host, smoothing_matrix)
+from models.padim import (AnomalyMap, Embedding, GaussianFit, GaussianSums, PaDiM, channel_indices,
+                          covariance_from_whitening, grouped_by_stage, mahalanobis, mahalanobis_in_chunks)
 
-
-@pytest.fixture(autouse=True, params=["compiled", "numpy"])
-def gaussian_path(request, monkeypatch):
-    """Every test runs with the compiled Gaussian kernels (models/native) and with the NumPy path."""
-    from models.native import gaussian_kernels, kernel_status
-
-    if request.param == "numpy":
-        monkeypatch.setattr("models.padim.gaussian_kernels", lambda: None)
-    elif gaussian_kernels() is None:
-        pytest.skip(kernel_status())
-    return request.param
+BACKENDS = ["numpy", "paddle"]   # the Paddle backend runs here on CPU tensors
 
 
 def correlated_features(n, d, positions, seed=0):
+    """[P, N, d] float32 embeddings, correlated channels, a different Gaussian per position."""
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(positions, d, d)) / np.sqrt(d)
-    base = rng.normal(size=(n, positions, d))
-    features = np.einsum("npk,pkd->npd", base, mixing) + rng.normal(size=(positions, d)) * 3
-    return np.ascontiguousarray(features.transpose(0, 2, 1)).astype(np.float32)   # [N, d, P]
+    base = rng.normal(size=(positions, n, d))
+    features = np.einsum("pnk,pkd->pnd", base, mixing) + rng.normal(size=(positions, 1, d)) * 3
+    return features.astype(np.float32)
 
 
-def reference_gaussian(features):
-    """The original's per-position loop: np.cov(rowvar=False) + 0.01·I, in float64."""
-    n, d, positions = features.shape
+def reference_gaussian(features, eps=0.01):
+    """The original's per-position loop: np.cov(rowvar=False) + eps·I, in float64 -> (mean, cov)."""
     x = features.astype(np.float64)
-    mean = x.mean(axis=0).T                                   # [P, d]
-    cov = np.stack([np.cov(x[:, :, p], rowvar=False) + 0.01 * np.eye(d) for p in range(positions)])
-    return mean, cov
+    cov = np.stack([np.cov(x[p], rowvar=False) + eps * np.eye(x.shape[2]) for p in range(len(x))])
+    return x.mean(axis=1), cov
 
 
-def fit(features, batch_size):
-    gaussian = GaussianFit(chunk_bytes=5 * 8 * features.shape[1] ** 2)   # several position chunks
-    for start in range(0, len(features), batch_size):
-        gaussian.update(paddle.to_tensor(features[start:start + batch_size]))
-    return gaussian.finalize(0.01)
+def reference_distances(test, mean, cov):
+    """scipy's Mahalanobis distance per patch: test [P, B, d] -> [B, P]."""
+    return np.array([[scipy_mahalanobis(test[p, b].astype(np.float64), mean[p], np.linalg.inv(cov[p]))
+                      for p in range(test.shape[0])] for b in range(test.shape[1])])
 
 
-def test_fit_matches_numpy_cov_reference():
+def assert_close(actual, expected, rtol):
+    """Equal to ``rtol`` relative to each position's largest entry (covariances have entries near 0)."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    axes = tuple(range(1, expected.ndim))
+    error = np.abs(actual - expected).max(axis=axes) / np.abs(expected).max(axis=axes)
+    assert error.max() <= rtol, f"relative error {error.max():.2e} at position {error.argmax()}"
+
+
+def float64(array):
+    return np.asarray(array.numpy() if isinstance(array, paddle.Tensor) else array, dtype=np.float64)
+
+
+def batches(features, batch_size, backend):
+    for start in range(0, features.shape[1], batch_size):
+        batch = np.ascontiguousarray(features[:, start:start + batch_size])
+        yield paddle.to_tensor(batch) if backend == "paddle" else batch
+
+
+def new_fit(backend, d):
+    """Slices of 3 positions (the last one shorter), two threads."""
+    return GaussianFit(backend=backend, threads=2, chunk_bytes=3 * 4 * d * d)
+
+
+def fit(features, batch_size, backend="numpy", eps=0.01):
+    gaussian = new_fit(backend, features.shape[2])
+    for batch in batches(features, batch_size, backend):
+        gaussian.update(batch)
+    return gaussian.finalize(eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 7, 40])
+def test_fit_matches_numpy_cov_reference(backend, batch_size):
     features = correlated_features(n=40, d=10, positions=13)
-    mean, whitening = fit(features, batch_size=7)
+    mean, whitening = fit(features, batch_size, backend)
     ref_mean, ref_cov = reference_gaussian(features)
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
+    assert mean.dtype == whitening.dtype == np.float32
+    assert_close(mean, ref_mean, 1e-6)
+    assert_close(covariance_from_whitening(whitening), ref_cov, 1e-5)
+    # the whitening is L⁻ᵀ of the Cholesky factor L of the covariance
+    np.testing.assert_allclose(whitening, np.linalg.inv(np.linalg.cholesky(ref_cov)).transpose(0, 2, 1),
+                               rtol=1e-5, atol=1e-5 * np.abs(whitening).max())
 
 
-@pytest.mark.parametrize("path", ["paddle", "numpy_threads"])
-def test_mahalanobis_matches_scipy_per_patch(path):
+def test_paddle_backend_keeps_its_sums_on_the_device_and_equals_the_numpy_backend():
+    features = correlated_features(n=23, d=7, positions=10, seed=6)
+    fits = {backend: new_fit(backend, 7) for backend in BACKENDS}
+    for backend, gaussian in fits.items():
+        for batch in batches(features, 4, backend):
+            gaussian.update(batch)
+    state = fits["paddle"].state()
+    assert all(isinstance(a, paddle.Tensor) for a in (state.shift, state.sums, state.gram))
+    assert state.sums.dtype == paddle.float64 and state.n == 23
+    host = fits["numpy"].state()
+    np.testing.assert_allclose(state.shift.numpy(), host.shift, rtol=1e-6)
+    np.testing.assert_allclose(state.sums.numpy(), host.sums, rtol=1e-5, atol=1e-5)
+    assert_close(state.gram.numpy(), host.gram, 1e-6)
+    (mean_p, whitening_p), (mean_n, whitening_n) = (fits[b].finalize(0.01) for b in BACKENDS)
+    assert_close(mean_p, mean_n, 1e-6)
+    assert_close(whitening_p, whitening_n, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mahalanobis_matches_scipy_per_patch(backend):
     train = correlated_features(n=30, d=6, positions=9, seed=1)
     test = correlated_features(n=5, d=6, positions=9, seed=2)
-    mean, whitening = fit(train, batch_size=30)
-    ref_mean, ref_cov = reference_gaussian(train)
-    if path == "paddle":
-        distances = mahalanobis(paddle.to_tensor(test), paddle.to_tensor(mean), paddle.to_tensor(whitening)).numpy()
-    else:   # the eager CPU path on [P, B, d], positions split over two threads in slices of 2
-        distances = mahalanobis_host(np.ascontiguousarray(test.transpose(2, 0, 1)), mean, whitening,
-                                     threads=2, chunk_positions=2)
-    expected = np.array([[scipy_mahalanobis(test[i, :, p].astype(np.float64), ref_mean[p], np.linalg.inv(ref_cov[p]))
-                          for p in range(9)] for i in range(5)])
-    np.testing.assert_allclose(distances, expected, rtol=1e-4)
+    mean, whitening = fit(train, 30, backend)
+    expected = reference_distances(test, *reference_gaussian(train))
+    distances = mahalanobis(paddle.to_tensor(test), paddle.to_tensor(mean), paddle.to_tensor(whitening)).numpy()
+    np.testing.assert_allclose(distances, expected, rtol=1e-5)
+    in_chunks = mahalanobis_in_chunks(paddle.to_tensor(test), mean, whitening, chunk=4).numpy()
+    np.testing.assert_allclose(in_chunks, expected, rtol=1e-5)
 
 
-def test_fit_in_threads_equals_reference():
-    """Two threads over slices of 3 positions (the last one shorter)."""
-    features = correlated_features(n=23, d=7, positions=10, seed=6)
-    gaussian = GaussianFit(chunk_bytes=3 * 4 * 7 * 7, threads=2)
-    for start in range(0, 23, 4):
-        gaussian.update(paddle.to_tensor(features[start:start + 4]))
-    mean, whitening = gaussian.finalize(0.01)
-    ref_mean, ref_cov = reference_gaussian(features)
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
-
-
-def test_fit_names_the_position_of_non_finite_embeddings_or_a_singular_covariance():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_names_the_position_of_non_finite_embeddings_or_a_singular_covariance(backend):
     features = correlated_features(n=5, d=4, positions=6, seed=7)
-    features[2, 1, 4] = np.nan
+    features[4, 2, 1] = np.nan
     with pytest.raises(ValueError, match="position 4 are not finite"):
-        GaussianFit(threads=2, chunk_bytes=4 * 4 * 4).update(paddle.to_tensor(features)).finalize(0.01)
-    features = correlated_features(n=5, d=4, positions=6, seed=7)
-    features[:, :, 3] = 1.0     # no variance at position 3: with eps < 0 its covariance is not positive definite
+        fit(features, 5, backend)
+    features = correlated_features(n=12, d=4, positions=6, seed=7)
+    features[3] = 1.0     # no variance at position 3: with eps < 0 its covariance is not positive definite
     with pytest.raises(np.linalg.LinAlgError, match="position 3 is not positive definite"):
-        GaussianFit().update(paddle.to_tensor(features)).finalize(-1e-3)
+        fit(features, 5, backend, eps=-1e-3)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16, 50])
-def test_streaming_fit_equals_one_shot(batch_size):
-    features = correlated_features(n=50, d=8, positions=11, seed=3)
-    mean_once, whitening_once = fit(features, batch_size=50)
-    mean, whitening = fit(features, batch_size=batch_size)
-    np.testing.assert_allclose(mean, mean_once, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(whitening, whitening_once, rtol=1e-4, atol=1e-5)
-
-
-def test_fit_needs_two_images():
-    gaussian = GaussianFit().update(paddle.to_tensor(correlated_features(1, 4, 3)))
-    with pytest.raises(ValueError, match="at least 2"):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_needs_two_images_and_one_shape(backend):
+    gaussian = new_fit(backend, 4)
+    with pytest.raises(ValueError, match="no embeddings"):
         gaussian.finalize()
+    gaussian.update(correlated_features(1, 4, 3))
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        gaussian.finalize()
+    with pytest.raises(ValueError, match=r"shape \[P, B, d\]"):
+        gaussian.update(np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="5 channels after 3 x 4"):
+        gaussian.update(np.zeros((3, 2, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match="backend"):
+        GaussianFit(backend="cuda")
 
 
-def test_channel_indices_follow_the_original_draw():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recentred_halves_sum_to_the_fit_of_all_images(backend):
+    """Two ranks of a data-parallel fit: each streams half of the images about its own first
+    batch's mean; both are recentred to one shift, their sums added in float64 (an all-reduce),
+    and the totals equal the float64 np.cov of all the images."""
+    features = correlated_features(n=36, d=8, positions=11, seed=3)
+    halves = [new_fit(backend, 8), new_fit(backend, 8)]
+    for gaussian, part in zip(halves, (features[:, :17], features[:, 17:])):
+        for batch in batches(part, 5, backend):
+            gaussian.update(batch)
+    common = features.astype(np.float64).mean(axis=1) + 0.5      # any shift near the data
+    for gaussian in halves:
+        gaussian.recentre(common)
+    states = [gaussian.state() for gaussian in halves]
+    total = GaussianSums(sum(s.n for s in states), states[0].shift,
+                         sum(float64(s.sums) for s in states), sum(float64(s.gram) for s in states))
+    # the recentred sums are the sums about the common shift, computed here directly in float64
+    shift = float64(total.shift)
+    centred = features.astype(np.float64) - shift[:, None, :]
+    np.testing.assert_allclose(total.sums, centred.sum(axis=1), rtol=1e-6, atol=1e-6 * np.abs(centred).max())
+    assert_close(total.gram, np.einsum("pni,pnj->pij", centred, centred), 1e-6)
+    # the covariance they give, against np.cov of all the images
+    n, centred_mean = total.n, total.sums / total.n
+    covariance = (total.gram - n * centred_mean[:, :, None] * centred_mean[:, None, :]) / (n - 1)
+    ref_mean, ref_cov = reference_gaussian(features, eps=0.0)
+    assert n == 36
+    assert_close(shift + centred_mean, ref_mean, 1e-6)
+    assert_close(covariance, ref_cov, 1e-6)
+    # loaded into a fit, they finalize to the model of all the images
+    merged = new_fit(backend, 8)
+    merged.load_state(total)
+    mean, whitening = merged.finalize(0.01)
+    ref_mean, ref_cov = reference_gaussian(features)
+    assert_close(mean, ref_mean, 1e-6)
+    assert_close(covariance_from_whitening(whitening), ref_cov, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_holdout_is_scored_without_itself_and_then_joins_the_model(backend):
+    train = correlated_features(n=25, d=7, positions=10, seed=10)
+    holdout = correlated_features(n=6, d=7, positions=10, seed=10) * 1.2   # same Gaussians, a bit wider
+    gaussian = new_fit(backend, 7)
+    for batch in batches(train, 8, backend):
+        gaussian.update(batch)
+    held = paddle.to_tensor(holdout) if backend == "paddle" else holdout
+    mean, whitening, distances = gaussian.finalize(0.01, holdout=held)
+    assert distances.shape == (6, 10) and gaussian.n_ == 31
+    np.testing.assert_allclose(distances, reference_distances(holdout, *reference_gaussian(train)), rtol=1e-5)
+    ref_mean, ref_cov = reference_gaussian(np.concatenate([train, holdout], axis=1))
+    assert_close(mean, ref_mean, 1e-6)
+    assert_close(covariance_from_whitening(whitening), ref_cov, 1e-5)
+    with pytest.raises(RuntimeError, match="finalized"):
+        gaussian.update(train[:, :2])
+
+
+def test_channel_indices_follow_the_original_draw_and_group_by_stage():
     random.seed(7)
     expected = random.sample(range(448), 100)
-    assert channel_indices(448, 100, 7).tolist() == expected
+    idx = channel_indices(448, 100, 7)
+    assert idx.tolist() == expected
+    grouped = grouped_by_stage(idx)
+    assert sorted(grouped.tolist()) == sorted(expected)
+    stage = np.searchsorted([64, 192, 448], grouped, side="right")   # ResNet18 layer1..3
+    assert np.all(np.diff(stage) >= 0)
     with pytest.raises(ValueError):
         channel_indices(448, 449)
 
 
 @pytest.mark.parametrize("size", [(56, 56), (28, 40)])
-def test_upsample_and_blur_equal_interpolate_then_gaussian_filter(size):
+def test_anomaly_map_equals_interpolate_then_gaussian_filter(size):
     grid = (size[0] // 4, size[1] // 4)
     rng = np.random.default_rng(4)
     distances = rng.random((2, *grid)).astype(np.float32) * 5
     upsampled = F.interpolate(paddle.to_tensor(distances[:, None]), size=list(size), mode="bilinear",
                               align_corners=False).numpy()[:, 0]
     expected = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in upsampled])
-    rows = smoothing_matrix(grid[0], size[0], 4.0)
-    cols = smoothing_matrix(grid[1], size[1], 4.0)
-    ours = np.einsum("hi,nij,wj->nhw", rows, distances.astype(np.float64), cols)
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    ours = AnomalyMap(grid, size, 4.0)(paddle.to_tensor(distances.reshape(2, -1))).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5 * expected.max())
+
+
+def reference_embedding(features, sizes, idx):
+    """The original: nearest-interpolate every stage to the first's grid, concatenate, gather idx
+    -> [P, B, d]."""
+    reference = paddle.concat([features[0]] + [F.interpolate(f, size=list(sizes[0]), mode="nearest")
+                                               for f in features[1:]], axis=1)
+    gathered = paddle.index_select(reference, paddle.to_tensor(idx), axis=1).numpy()
+    return gathered.reshape(*gathered.shape[:2], -1).transpose(2, 0, 1)
 
 
 @pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2)], [(8, 10), (3, 5), (2, 3)]])
-def test_embedding_equals_interpolate_concat_index_select(sizes):
+@pytest.mark.parametrize("order", ["grouped", "drawn"])
+def test_embedding_equals_interpolate_concat_index_select(sizes, order):
+    """In the order of the idx given: grouped by stage (what a fit stores), or the original's draw."""
     rng = np.random.default_rng(5)
-    features = [rng.normal(size=(2, c, *hw)) for c, hw in zip((4, 6, 5), sizes)]
-    features = [paddle.to_tensor(f.astype(np.float32)) for f in features]
+    features = [paddle.to_tensor(rng.normal(size=(2, c, *hw)).astype(np.float32)) for c, hw in zip((4, 6, 5), sizes)]
     idx = channel_indices(15, 7, seed=3)
-    reference = features[0]
-    for feature in features[1:]:
-        reference = paddle.concat([reference, F.interpolate(feature, size=list(sizes[0]), mode="nearest")], axis=1)
-    positions = sizes[0][0] * sizes[0][1]
-    expected = paddle.index_select(reference, paddle.to_tensor(idx), axis=1).numpy().reshape(2, 7, positions)
+    idx = grouped_by_stage(idx) if order == "grouped" else idx
     embedding = Embedding([4, 6, 5], idx)
-    ours = embedding.to_idx_order(embedding(features)).numpy()
-    np.testing.assert_array_equal(ours, expected)
-    # the [P, B, d] layout of the scoring path holds the same numbers, grouped order in the last axis
-    positions_first = embedding(features, positions_first=True).numpy()
-    np.testing.assert_array_equal(positions_first[:, :, embedding.order].transpose(1, 2, 0), expected)
+    assert (embedding.order is None) == (order == "grouped")
+    np.testing.assert_array_equal(embedding(features).numpy(), reference_embedding(features, sizes, idx))
 
 
 class TinyBackbone(paddle.nn.Layer):
@@ -164,89 +254,26 @@ class TinyBackbone(paddle.nn.Layer):
         return [first, self.conv2(first)]
 
 
-@pytest.mark.parametrize("scoring", ["numpy_threads", "paddle_ops"])
-def test_padim_forward_is_embedding_distance_upsample_blur_max(scoring):
+@pytest.mark.parametrize("order", ["grouped", "drawn"])
+def test_padim_forward_is_embedding_distance_upsample_blur_max(order):
     paddle.seed(0)
     backbone = TinyBackbone()
     idx = channel_indices(7, 5, seed=1)
+    idx = grouped_by_stage(idx) if order == "grouped" else idx
     images = paddle.to_tensor(np.random.default_rng(6).normal(size=(6, 3, 32, 32)).astype(np.float32))
-    embedding = Embedding(backbone.channels, idx)
-    train = embedding.to_idx_order(embedding(backbone(images))).numpy()
-    mean, whitening = fit(train, batch_size=4)
+    train = Embedding(backbone.channels, idx)(backbone(images)).numpy()               # [P, 6, d]
+    mean, whitening = fit(train, 4)
+    given = (mean.copy(), whitening.copy())
     model = PaDiM(backbone, idx, mean, whitening, (32, 32), (8, 8))
-    if scoring == "paddle_ops":   # the path of GPUs and exported graphs
-        model._host_gaussian = None
+    np.testing.assert_array_equal(mean, given[0])          # the caller's arrays are left as they were
+    np.testing.assert_array_equal(whitening, given[1])
     test = images[:2] * 1.5
     anomaly_map, score = model(test)
-    emb = embedding.to_idx_order(embedding(backbone(test))).numpy().astype(np.float64)
-    ref_mean, ref_cov = reference_gaussian(train)
-    inverse = np.linalg.inv(ref_cov)
-    delta = emb.transpose(0, 2, 1) - ref_mean
-    grid = np.sqrt(np.einsum("npi,pij,npj->np", delta, inverse, delta)).reshape(2, 8, 8)
+    sizes = [(8, 8), (4, 4)]
+    emb = reference_embedding(backbone(test), sizes, idx)
+    grid = reference_distances(emb, *reference_gaussian(train)).reshape(2, 8, 8)
     upsampled = F.interpolate(paddle.to_tensor(grid[:, None].astype(np.float32)), size=[32, 32],
                               mode="bilinear", align_corners=False).numpy()[:, 0]
     expected = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in upsampled])
-    np.testing.assert_allclose(anomaly_map.numpy(), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(score.numpy(), expected.reshape(2, -1).max(axis=1), rtol=1e-4)
-
-
-def test_device_update_path_equals_host_path(monkeypatch):
-    """The GPU code path (Paddle ops) runs here on CPU tensors and must give the host path's fit."""
-    features = correlated_features(n=24, d=7, positions=10, seed=8)
-    mean_host, whitening_host = fit(features, batch_size=5)
-    monkeypatch.setattr("models.padim.paddle.get_device", lambda: "gpu:0")
-    mean_device, whitening_device = fit(features, batch_size=5)
-    np.testing.assert_allclose(mean_device, mean_host, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(whitening_device, whitening_host, rtol=1e-4, atol=1e-5)
-
-
-def test_fits_above_the_kernels_d_limit_take_the_numpy_path(monkeypatch):
-    """WR50's d=550 fits through NumPy/LAPACK (NATIVE_FIT_MAX_D), with the same result."""
-    monkeypatch.setattr("models.padim.NATIVE_FIT_MAX_D", 6)
-    features = correlated_features(n=30, d=7, positions=9, seed=9)
-    gaussian = GaussianFit()
-    gaussian.update(paddle.to_tensor(features[:15])).update(paddle.to_tensor(features[15:]))
-    assert gaussian._kernels is None
-    mean, whitening = gaussian.finalize(0.01)
-    ref_mean, ref_cov = reference_gaussian(features)
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("batches", [[7, 7, 6], [1, 19]])
-def test_gaussian_fit_of_positions_first_batches_equals_the_reference(batches):
-    """[P, B, d] batches (what the fit's extractor hands over) give the same Gaussian as the
-    float64 per-position loop; 37 positions cross a block of 16."""
-    features = correlated_features(n=sum(batches), d=9, positions=37, seed=12)
-    gaussian = GaussianFit(threads=2)
-    start = 0
-    for size in batches:
-        gaussian.update(paddle.to_tensor(features[start:start + size].transpose(2, 0, 1).copy()), positions_first=True)
-        start += size
-    mean, whitening = gaussian.finalize(0.01)
-    ref_mean, ref_cov = reference_gaussian(features)
-    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(covariance_from_whitening(whitening), ref_cov, rtol=1e-4, atol=1e-5)
-
-
-def test_whitening_rows_of_a_model_order_triangle():
-    """A fit's triangles with rows permuted, as PaDiM holds them: the structure lists every row
-    by its first non-zero column, and the scoring with it equals the dense float64 distances."""
-    import models.padim as padim
-
-    rng = np.random.default_rng(8)
-    positions, d, batch = 50, 23, 3
-    permutation = rng.permutation(d)
-    whitening = np.ascontiguousarray(np.triu(rng.normal(size=(positions, d, d)) + 2)[:, permutation].astype(np.float32))
-    rows = padim.whitening_rows(whitening, threads=2)
-    if padim.gaussian_kernels() is None:                      # the NumPy path needs no structure
-        assert rows is None
-        return
-    order, first_column = rows
-    np.testing.assert_array_equal(first_column, np.arange(d))
-    np.testing.assert_array_equal(permutation[order], np.arange(d))
-    test = rng.normal(size=(positions, batch, d)).astype(np.float32)
-    mean = rng.normal(size=(positions, d)).astype(np.float32)
-    centred = test.astype(np.float64) - mean[:, None, :]
-    expected = np.sqrt((np.einsum("pbi,pij->pbj", centred, whitening.astype(np.float64)) ** 2).sum(axis=2)).T
-    np.testing.assert_allclose(mahalanobis_host(test, mean, whitening, threads=2, rows=rows), expected, rtol=2e-5)
+    np.testing.assert_allclose(anomaly_map.numpy(), expected, rtol=1e-5, atol=1e-5 * expected.max())
+    np.testing.assert_allclose(score.numpy(), expected.reshape(2, -1).max(axis=1), rtol=1e-5)
