@@ -165,6 +165,20 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     return list(items[rank::world])
 
 
+def check_same_list(items: Sequence[str], what: str) -> None:
+    """ValueError on every rank unless every rank sees the same ``items`` (e.g. the sorted image
+    paths relative to the data root): ranks on several machines with differing copies of the
+    data would otherwise shard different lists, overlapping or missing images silently. Waits
+    for all ranks (a ``step``). Without the launcher: nothing to compare."""
+    ctx = context()
+    if not ctx.is_distributed:
+        return
+    with step(f"listing the {what}"):
+        digest = zlib.crc32("\0".join(map(str, items)).encode("utf-8"))
+    _same_everywhere(f"listing the {what}", np.array([len(items), digest], dtype=np.int64),
+                     f"the ranks see different {what} (this rank: {len(items)}); every machine needs the same data")
+
+
 def shard_size(total: int, rank: int, world: int) -> int:
     """``len(shard(range(total), rank, world))`` without the list."""
     return len(range(rank, total, world))

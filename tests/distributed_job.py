@@ -46,6 +46,13 @@ def item_arrays(indices) -> dict:
 
 def run_ok(out: Path, ctx) -> None:
     import paddle
+    names = [f"good/{i:03d}.png" for i in range(TOTAL_ITEMS)]
+    distributed.check_same_list(names, "test images")
+    try:
+        distributed.check_same_list(names[ctx.rank:], "training images")   # rank 1 misses one
+        np.save(out / f"mismatch_seen_{ctx.rank}.npy", False)
+    except ValueError:
+        np.save(out / f"mismatch_seen_{ctx.rank}.npy", True)
     mine = distributed.shard(list(range(TOTAL_ITEMS)), ctx.rank, ctx.world_size)
     print(distributed.shard_line(len(mine), "items"), flush=True)
     np.save(out / f"shard_{ctx.rank}.npy", np.asarray(mine, dtype=np.int64))

@@ -115,6 +115,8 @@ def test_two_processes_sum_gather_and_write_once(launches):
     shards = [np.load(out / f"shard_{rank}.npy").tolist() for rank in (0, 1)]
     assert shards == [[0, 2, 4, 6], [1, 3, 5]]
     assert "rank 1 of 2: 3 items" in launch.worker_log(1)
+    # differing lists of images are refused on every rank
+    assert [bool(np.load(out / f"mismatch_seen_{rank}.npy")) for rank in (0, 1)] == [True, True]
     # the float64 sum of two [P, d, d] arrays, in three chunks, is exactly NumPy's a + b
     expected = rank_gram(0) + rank_gram(1)
     for rank in (0, 1):
