@@ -65,7 +65,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from datasets.mvtec import ImageList, iterate_batches, read_rgb
-    from models.export import InferenceSettings, build_runtime, load_metadata, resolve_model_file
+    from models.deploy import (InferenceSettings, build_runtime, exported_display_range, finite_results,
+                               load_metadata, non_finite_error, resolve_model_file)
     from utils.visualize import picture_file, report_prediction
     from utils.logger import get_logger
 
@@ -90,11 +91,7 @@ def main(argv=None):
     stored = meta["thresholds"]
     image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
     pixel_threshold = stored["pixel_threshold"] if args.pixel_threshold is None else args.pixel_threshold
-    if args.pixel_threshold is None:
-        vmin, vmax = meta["display"]["vmin"], meta["display"]["vmax"]
-    else:
-        vmin = meta["display"]["vmin"]
-        vmax = pixel_threshold + max(pixel_threshold - vmin, 1e-6)
+    vmin, vmax = exported_display_range(meta, args.pixel_threshold)
     source = "--threshold" if args.threshold is not None else stored["source"]
     print("Inference model(PaDiM)...")
     logger.info(f"model {model_file} ({runtime.backend}, {meta['backbone']}, {meta['category']}); "
@@ -117,7 +114,7 @@ def main(argv=None):
             time_keys=["preprocess_time", "inference_time", "postprocess_time"],
             warmup=1 if len(chunks) > 1 else 0)
     single = len(images) == 1
-    anomalous = 0
+    anomalous = failed = 0
     # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
     # the time spent waiting for the next batch, not the decode itself.
     batches = iter(iterate_batches(images, args.batch_size, args.num_workers))
@@ -130,7 +127,11 @@ def main(argv=None):
         maps, scores = runtime(batch.images)
         if autolog:
             autolog.times.stamp()
-        for sample, anomaly_map, score in zip(batch.samples, maps, scores):
+        for sample, anomaly_map, score, finite in zip(batch.samples, maps, scores, finite_results(maps, scores)):
+            if not finite:
+                failed += 1
+                logger.error(f"Infer : {sample.path}  error: NaN or infinite score or map ({score}): no verdict")
+                continue
             picture = display_image = None
             if args.save_picture:
                 picture = picture_file(args.save_path, category, sample.path, images.root, single, "infer")
@@ -139,10 +140,13 @@ def main(argv=None):
                                            pixel_threshold, (vmin, vmax), picture, display_image)
         if autolog:
             autolog.times.end(stamp=True)
-    logger.info(f"Infer done: {len(images)} image(s), {anomalous} anomalous")
+    logger.info(f"Infer done: {len(images)} image(s), {anomalous} anomalous"
+                + (f", {failed} without a verdict" if failed else ""))
     if autolog:
         from utils.autolog import report
         report(autolog)
+    if failed:
+        raise non_finite_error(failed, len(images))
 
 
 if __name__ == "__main__":

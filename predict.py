@@ -39,8 +39,9 @@ def main():
     args = build_parser().parse_args()
     from datasets.mvtec import ImageList, iterate_batches, read_rgb
     from models.backbones import set_num_threads
+    from models.deploy import finite_results, non_finite_error
     from models.model_file import load_model
-    from models.pipeline import build_model, display_range, model_scorer, thresholds_of, use_device
+    from models.pipeline import build_model, model_scorer, use_device
     from utils.logger import get_logger
     from utils.visualize import picture_file, report_prediction
 
@@ -54,32 +55,39 @@ def main():
     model_file = load_model(model_path, backbone_name(args))
     meta = model_file.meta
     if args.category is None and args.model_path:
-        category = meta["category"]
-    if args.seed is not None and args.seed != meta["seed"]:
+        category = meta.category
+    if args.seed is not None and args.seed != meta.seed:
         logger.info(f"note: --seed {args.seed} ignored; the channel indices come from {model_path}")
-    images = ImageList(args.picture_path, meta["resize"], meta["crop_size"])
+    images = ImageList(args.picture_path, meta.resize, meta.crop_size)
     use_device(args.device)
     model = build_model(model_file)
-    stored = thresholds_of(meta)
+    stored = meta.decision_thresholds()
     image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
     pixel_threshold = stored["pixel_threshold"] if args.pixel_threshold is None else args.pixel_threshold
-    vmin, vmax = display_range(meta, pixel_threshold)
+    vmin, vmax = meta.display_range(pixel_threshold)
     source = "--threshold" if args.threshold is not None else stored["source"]
-    logger.info(f"model {model_path} ({meta['backbone']}, {meta['category']}); image threshold "
+    logger.info(f"model {model_path} ({meta.backbone}, {meta.category}); image threshold "
                 f"{image_threshold:.4f} from {source}")
     single = len(images) == 1
-    anomalous = 0
+    anomalous = failed = 0
     scorer = model_scorer(model, args.static_graph and len(images) > args.batch_size)
     for batch in iterate_batches(images, args.batch_size, args.num_workers):
         maps, scores = scorer(batch.images)
-        for sample, anomaly_map, score in zip(batch.samples, maps, scores):
+        for sample, anomaly_map, score, finite in zip(batch.samples, maps, scores, finite_results(maps, scores)):
+            if not finite:
+                failed += 1
+                logger.error(f"Predict : {sample.path}  error: NaN or infinite score or map ({score}): no verdict")
+                continue
             picture = display_image = None
             if args.save_picture:
                 picture = picture_file(args.save_path, category, sample.path, images.root, single, "predict")
                 display_image = images.transform.to_display(read_rgb(sample.path))
             anomalous += report_prediction(logger, "Predict", sample.path, anomaly_map, score, image_threshold,
                                            pixel_threshold, (vmin, vmax), picture, display_image)
-    logger.info(f"Predict done: {len(images)} image(s), {anomalous} anomalous")
+    logger.info(f"Predict done: {len(images)} image(s), {anomalous} anomalous"
+                + (f", {failed} without a verdict" if failed else ""))
+    if failed:
+        raise non_finite_error(failed, len(images))
 
 
 if __name__ == "__main__":

@@ -74,12 +74,13 @@ def main():
                 logger.info(f"Removed {len(removed)} result files of the previous model from {out_dir}")
             save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
             logger.info(f"Save model in {model_path}")
+            model_id = model_file.meta.model_id
             del model_file
             if args.val:
-                from val import evaluate_category
+                from models.evaluate import evaluate_category
                 results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
                                                       args.num_workers, args.save_picture, logger=logger,
-                                                      static_graph=args.static_graph)
+                                                      static_graph=args.static_graph, model_id=model_id)
             close_file_handlers()
     if args.val and len(categories) > 1:
         from utils.evaluation import markdown_table, summary_rows, write_summary

@@ -5,7 +5,6 @@ model file, and with --save_picture draws the 5-panel figure of every test image
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
@@ -30,63 +29,8 @@ def build_parser():
     return parser
 
 
-def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
-                      save_picture=True, expected_backbone=None, seed=None, logger=None, static_graph=True) -> dict:
-    """Score the test split, report the original's lines plus PRO, write the result files."""
-    import numpy as np
-
-    from datasets.mvtec import MVTecDataset, read_rgb
-    from models.model_file import load_model, update_meta
-    from models.pipeline import build_model, display_range, score_dataset
-    from utils.evaluation import compute_metrics, roc_curves, write_metrics, write_scores_csv
-    from utils.logger import get_logger
-
-    out_dir = Path(save_path) / category
-    logger = logger or get_logger(out_dir / "val.log")
-    model_file = load_model(model_path, expected_backbone)
-    meta = model_file.meta
-    if seed is not None and seed != meta["seed"]:
-        logger.info(f"note: --seed {seed} ignored; the channel indices in {model_path} were drawn with seed {meta['seed']}")
-    dataset = MVTecDataset(data_root, category, "test", meta["resize"], meta["crop_size"])
-    print(f"Testing model for {category}")
-    logger.info("Starting eval model...")
-    model = build_model(model_file)
-    scored = score_dataset(model, dataset, batch_size, num_workers, static_graph=static_graph)
-    metrics = compute_metrics(scored.maps, scored.scores, scored.masks, scored.labels)
-    metrics.update(category=category, backbone=meta["backbone"], model_path=str(model_path),
-                   data_path=str(Path(data_root) / category), weights_source=meta["weights_source"])
-    logger.info(f"Class:{category}:\tImage AUC: {metrics['image_auroc']:.3f}")
-    logger.info(f"Class:{category}:\tPixel AUC: {metrics['pixel_auroc']:.3f}")
-    logger.info(f"Class:{category}:\tPRO AUC (FPR<=0.3): {metrics['pro_auc']:.3f}")
-    logger.info(f"Class:{category}:\timage threshold {metrics['image_threshold']:.4f} (F1 {metrics['image_f1']:.3f}), "
-                f"pixel threshold {metrics['pixel_threshold']:.4f} (F1 {metrics['pixel_f1']:.3f})")
-    write_scores_csv(out_dir / "scores.csv", scored.samples, scored.scores)
-    write_metrics(out_dir / "metrics.json", metrics)
-    meta["thresholds"] = {
-        "image_threshold": metrics["image_threshold"],
-        "pixel_threshold": metrics["pixel_threshold"],
-        "source": f"F1-max on the test split of {Path(data_root) / category} ({metrics['n_test']} images), "
-                  f"val.py {time.strftime('%Y-%m-%d %H:%M:%S')}",
-    }
-    update_meta(model_path, meta)
-    logger.info(f"Thresholds stored in {model_path}; results in {out_dir}")
-    if save_picture:
-        from tqdm import tqdm
-
-        from utils.visualize import plot_panels, plot_roc
-        plot_roc(out_dir / "roc_curve.png", roc_curves(scored.maps, scored.scores, scored.masks, scored.labels, metrics),
-                 f"{category} ({meta['backbone']})")
-        vmin, vmax = display_range(meta)
-        for i, sample in enumerate(tqdm(scored.samples, desc=f"| figures | {category} |")):
-            image = dataset.transform.to_display(read_rgb(sample.path))
-            title = f"{sample.defect_type}/{Path(sample.path).name}  score {scored.scores[i]:.2f}"
-            plot_panels(out_dir / f"{category}_{i}.png", image, scored.maps[i], metrics["pixel_threshold"],
-                        vmin, vmax, ground_truth=scored.masks[i].astype(np.float32), title=title)
-        logger.info(f"Saved {len(scored.samples)} figures and roc_curve.png in {out_dir}")
-    return metrics
-
-
-def evaluate_all(args, logger_factory=None) -> dict:
+def evaluate_all(args) -> dict:
+    from models.evaluate import evaluate_category
     from models.pipeline import use_device
     from utils.evaluation import markdown_table, summary_rows, write_summary
     from utils.files import exclusive_folder

@@ -1,10 +1,12 @@
-"""Glue between data, backbone and the PaDiM maths: fit over a dataset, score a dataset."""
+"""Glue between data, backbone and the PaDiM maths: fit over a dataset, build the model from a
+model file, score a dataset, export a model file."""
 from __future__ import annotations
 
 import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -12,7 +14,8 @@ from tqdm import tqdm
 
 from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
 from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
-from models.model_file import ModelFile
+from models.export import DEFAULT_OPSET, ExportResult, check_export_request, check_onnx_size, export_model
+from models.model_file import ModelFile, ModelFileError, ModelMeta, load_model, read_meta
 from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, AnomalyMap, Embedding, GaussianFit, PaDiM,
                           channel_indices, grouped_by_stage, mahalanobis_in_chunks)
 from models.static import static_runner_or_none
@@ -20,7 +23,6 @@ from models.static import static_runner_or_none
 LOGGER = logging.getLogger("padim")
 # Training images whose embeddings are kept to measure the score range of normal images.
 STATISTICS_IMAGES = 16
-VERSION = "1.0.0"
 
 
 def use_device(device: str = "auto") -> str:
@@ -100,27 +102,23 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     gaussian_time += time.perf_counter() - tick
     statistics = training_statistics(np.concatenate(kept, axis=1), mean, whitening, grid,
                                      image_size, sigma)
-    meta = {
-        "version": VERSION,
-        "category": dataset.category,
-        "backbone": backbone_name,
-        "weights_source": getattr(backbone, "weights_source", weights),
-        "stage_names": list(backbone.stage_names),
-        "channels": [int(c) for c in backbone.channels],
-        "total_channels": total_channels,
-        "d": d,
-        "seed": int(seed),
-        "eps": float(eps),
-        "sigma": float(sigma),
-        "resize": int(dataset.transform.resize),
-        "crop_size": [int(v) for v in image_size],
-        "feature_grid": [int(v) for v in grid],
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "n_train": int(gaussian.n_),
-        "train_statistics": statistics,
-        "thresholds": None,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    meta = ModelMeta(
+        category=dataset.category,
+        backbone=backbone_name,
+        weights_source=getattr(backbone, "weights_source", weights),
+        stage_names=list(backbone.stage_names),
+        channels=[int(c) for c in backbone.channels],
+        d=d,
+        seed=int(seed),
+        eps=float(eps),
+        sigma=float(sigma),
+        resize=int(dataset.transform.resize),
+        crop_size=[int(v) for v in image_size],
+        feature_grid=[int(v) for v in grid],
+        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        n_train=int(gaussian.n_),
+        train_statistics=statistics,
+    )
     arrays = {"idx": idx, "mean": mean, "whitening": whitening}
     report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total)
     return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
@@ -167,36 +165,34 @@ def build_model(model_file: ModelFile, release_arrays: bool = True) -> PaDiM:
     """The PaDiM layer of a loaded model file. With ``release_arrays`` the host copies of the
     Gaussian are dropped once they are on the device (WR50's whitening is 3.8 GB)."""
     meta = model_file.meta
-    backbone = build_backbone(meta["backbone"], "random")
-    set_backbone_state(backbone, model_file.backbone_state)
-    if [int(c) for c in backbone.channels] != [int(c) for c in meta["channels"]]:
-        raise ValueError(f"{model_file.path}: backbone channels {backbone.channels} differ from the file's {meta['channels']}")
+    backbone = build_backbone(meta.backbone, "random")
+    set_backbone_state(backbone, model_file.backbone_state, source=str(model_file.path))
+    if [int(c) for c in backbone.channels] != meta.channels:
+        raise ModelFileError(f"{model_file.path}: {meta.backbone}'s stages have {backbone.channels} channels, the "
+                             f"file says {meta.channels}")
     arrays = model_file.arrays
-    model = PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta["crop_size"]),
-                  tuple(meta["feature_grid"]), meta["sigma"])
+    model = PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta.crop_size),
+                  tuple(meta.feature_grid), meta.sigma)
     if release_arrays:
         arrays.pop("whitening")
         arrays.pop("mean")
     return model
 
 
-def thresholds_of(meta: dict) -> dict:
-    """Image and pixel thresholds: calibrated by val.py if it ran, else the training maximum."""
-    calibrated = meta.get("thresholds")
-    if calibrated:
-        return calibrated
-    stats = meta["train_statistics"]
-    return {"image_threshold": stats["image_score_max"], "pixel_threshold": stats["pixel_max"],
-            "source": "uncalibrated: largest score on training images (run val.py to calibrate)"}
-
-
-def display_range(meta: dict, pixel_threshold: float | None = None) -> tuple[float, float]:
-    """Fixed colour scale in absolute units: normal background at the low end, the pixel
-    threshold in the middle, so that colours mean the same thing in every picture."""
-    low = meta["train_statistics"]["pixel_median"]
-    threshold = thresholds_of(meta)["pixel_threshold"] if pixel_threshold is None else pixel_threshold
-    high = threshold + max(threshold - low, 1e-6)
-    return float(low), float(high)
+def export_model_file(model_path, save_dir, img_size=None, backbone: str | None = None, onnx: bool = False,
+                      opset: int = DEFAULT_OPSET, verify: bool = True, logger: logging.Logger | None = None) -> ExportResult:
+    """export_model.py: check the request on the metadata alone, build the model on the CPU,
+    export it to ``save_dir`` (models/export.py)."""
+    model_path = Path(model_path)
+    check_export_request(read_meta(model_path), img_size, onnx)
+    paddle.set_device("cpu")
+    model_file = load_model(model_path, backbone)
+    if onnx:
+        check_onnx_size(model_file)
+    meta = model_file.meta
+    model = build_model(model_file)
+    del model_file
+    return export_model(model, meta, model_path, save_dir, onnx, opset, verify, logger)
 
 
 @dataclass

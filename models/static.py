@@ -1,10 +1,11 @@
 """Run Paddle layers through Paddle Inference with oneDNN on the CPU.
 
-Eager Paddle's CPU kernels run the ResNet18 model at ~25 img/s on 2 cores, the same model as a
-static graph under Paddle Inference with oneDNN at ~140 img/s (the eager and static throughput
-rows of logs/benchmark_bottle_resnet18.log). Tracing and loading cost about half a second, so
-train.py and val.py use this for the backbone (and val.py for the whole model) on the CPU; GPUs
-keep eager Paddle (cuDNN is already fast there). The tracing and the predictor are export.py's.
+On the CPU, eager Paddle's kernels run the backbone several times slower than the same layers
+traced into a static graph and run by Paddle Inference with oneDNN (the eager and static rows
+of the benchmark logs in logs/ have the figures). Tracing and loading are paid once per run,
+so train.py and val.py use this for the backbone (and val.py for the whole model) on the CPU;
+GPUs keep eager Paddle (cuDNN is already fast there). The tracing is models/export.py's, the
+predictor models/deploy.py's.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Sequence
 
 import paddle
 
-from models.export import InferenceSettings, PaddleInferenceModel, save_static_graph
+from models.deploy import InferenceSettings, PaddleInferenceModel
+from models.export import save_static_graph
 
 LOGGER = logging.getLogger("padim")
 

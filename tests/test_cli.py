@@ -33,8 +33,8 @@ def test_model_file_keeps_idx_and_thresholds(trained):
     random.seed(7)
     assert model.arrays["idx"].tolist() == sorted(random.sample(range(24 + 32 + 96), 100))   # grouped by stage
     metrics = json.loads((out / "demo" / "metrics.json").read_text())
-    assert model.meta["thresholds"]["image_threshold"] == pytest.approx(metrics["image_threshold"])
-    assert model.meta["backbone"] == "mobilenet_v2" and model.meta["n_train"] == 60
+    assert model.meta.thresholds["image_threshold"] == pytest.approx(metrics["image_threshold"])
+    assert model.meta.backbone == "mobilenet_v2" and model.meta.n_train == 60
 
 
 def test_val_saves_every_figure_and_roc(trained, demo_root, tmp_path):

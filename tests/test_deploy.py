@@ -4,6 +4,7 @@ reproduce the dynamic model; batch size does not matter; the CLIs print, draw an
 One demo model is fitted (train.py, with val for calibrated thresholds) and exported (with ONNX
 when paddle2onnx and onnxruntime are importable) per module.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -105,7 +106,6 @@ def assert_same_verdicts(scores, expected_scores, threshold):
 
 def test_export_writes_graph_and_complete_metadata(exported, model_path):
     from models.model_file import read_meta
-    from models.pipeline import display_range, thresholds_of
     names = sorted(p.name for p in exported.iterdir())
     expected = ["model.json", "model.meta.json", "model.pdiparams"] + (["model.onnx"] if HAS_ONNX else [])
     assert names == sorted(expected)            # no temp folder, no .pdmodel, no pickled distribution
@@ -113,22 +113,29 @@ def test_export_writes_graph_and_complete_metadata(exported, model_path):
     model_meta = read_meta(model_path)
     assert meta["category"] == "demo" and meta["backbone"] == "mobilenet_v2"
     assert meta["resize"] == 256 and meta["crop_size"] == [224, 224]
-    assert meta["normalisation"] == model_meta["normalisation"]
-    stored = thresholds_of(model_meta)
+    assert meta["normalisation"] == model_meta.normalisation
+    assert meta["model_id"] == model_meta.model_id
+    stored = model_meta.thresholds
     assert meta["thresholds"]["image_threshold"] == pytest.approx(stored["image_threshold"])
     assert meta["thresholds"]["pixel_threshold"] == pytest.approx(stored["pixel_threshold"])
     assert meta["thresholds"]["source"].startswith("F1-max")
-    assert (meta["display"]["vmin"], meta["display"]["vmax"]) == pytest.approx(display_range(model_meta))
+    # the colour scale's rule, from the stored numbers: vmin = median training pixel score, the
+    # pixel threshold mid-scale
+    vmin = model_meta.train_statistics["pixel_median"]
+    vmax = 2 * stored["pixel_threshold"] - vmin
+    assert (meta["display"]["vmin"], meta["display"]["vmax"]) == pytest.approx((vmin, vmax))
     assert meta["inputs"] == [{"name": "image", "shape": [-1, 3, 224, 224], "dtype": "float32"}]
     assert [o["meaning"] for o in meta["outputs"]] == ["anomaly_map", "image_score"]
-    assert meta["files"]["params"]["bytes"] == (exported / "model.pdiparams").stat().st_size
+    for key, name in (("model", "model.json"), ("params", "model.pdiparams")) + ((("onnx", "model.onnx"),) if HAS_ONNX else ()):
+        data = (exported / name).read_bytes()
+        assert meta["files"][key] == {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert meta["export_check"]["paddle_inference_onednn"]["map_max_relative_difference"] < RTOL
     assert meta["version"] and meta["exported"]
 
 
 @pytest.mark.parametrize("mkldnn", [False, True], ids=["plain", "onednn"])
 def test_paddle_inference_matches_dynamic_model(exported, reference, mkldnn):
-    from models.export import InferenceSettings, load_metadata, open_deployed
+    from models.deploy import InferenceSettings, load_metadata, open_deployed
     batch, expected_maps, expected_scores = reference
     deployed = open_deployed(exported / "model.json", settings=InferenceSettings(enable_mkldnn=mkldnn))
     assert deployed.runtime.conf_info()["enable_mkldnn"] is mkldnn
@@ -140,7 +147,7 @@ def test_paddle_inference_matches_dynamic_model(exported, reference, mkldnn):
 
 
 def test_any_batch_size_gives_the_same_answer(exported, reference):
-    from models.export import InferenceSettings, PaddleInferenceModel, load_metadata
+    from models.deploy import InferenceSettings, PaddleInferenceModel, load_metadata
     batch, expected_maps, expected_scores = reference
     runtime = PaddleInferenceModel(exported / "model.json", settings=InferenceSettings(enable_mkldnn=True),
                                    meta=load_metadata(exported / "model.json"))
@@ -155,7 +162,7 @@ def test_any_batch_size_gives_the_same_answer(exported, reference):
 def test_onnxruntime_matches_dynamic_model(exported, reference):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("paddle2onnx")
-    from models.export import open_deployed
+    from models.deploy import open_deployed
     batch, expected_maps, expected_scores = reference
     deployed = open_deployed(exported / "model.onnx")
     assert deployed.runtime.backend == "onnxruntime"
@@ -249,3 +256,138 @@ def test_export_rejects_img_size_mismatch_and_missing_model(model_path, tmp_path
     assert run_in_process(export_model.main, ["--model_path", str(tmp_path / "none.pdparams"),
                                               "--save_dir", str(tmp_path / "y")]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """The lines the project's logger writes, in place of its stdout handler (which may hold the
+    stream of an earlier test's capture)."""
+    import logging
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    handler._padim_stdout = True
+    monkeypatch.setattr(logging.getLogger("padim"), "handlers", [handler])
+    return lines
+
+
+def test_finite_results_flags_each_broken_image():
+    from models.deploy import finite_results
+    maps = np.ones((4, 3, 5), np.float32)
+    scores = np.ones(4, np.float32)
+    maps[1, 2, 4] = np.nan
+    scores[2] = np.inf
+    maps[3, 0, 0] = -np.inf
+    assert finite_results(maps, scores).tolist() == [True, False, False, False]
+
+
+def copy_export(exported, folder):
+    shutil.copytree(exported, folder)
+    return folder
+
+
+def test_parameters_from_another_export_are_refused(exported, five_images, tmp_path, capsys):
+    """Same size, other content (another export, or random bytes): refused before any image is scored."""
+    import infer
+    from models.deploy import DeployError, open_deployed
+    copy = copy_export(exported, tmp_path / "copy")
+    params = copy / "model.pdiparams"
+    data = bytearray(params.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    params.write_bytes(bytes(data))
+    with pytest.raises(DeployError, match="SHA-256 differs"):
+        open_deployed(copy / "model.json")
+    argv = ["--model_file", str(copy / "model.json"), "-i", str(five_images[0]), "--use_gpu", "False",
+            "--save_path", str(tmp_path)]
+    assert run_in_process(infer.main, argv) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "SHA-256 differs" in err and "score" not in out
+    other = tmp_path / "other.pdiparams"
+    other.write_bytes(bytes(data))
+    assert run_in_process(infer.main, argv + ["--params_file", str(other)]) == 2
+    assert "SHA-256 differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["thresholds"].update(image_threshold="high"), "thresholds.image_threshold must be a number"),
+    (lambda m: m.pop("files"), "lacks files"),
+    (lambda m: m["files"]["params"].pop("sha256"), "files.params lacks sha256"),
+    (lambda m: m.update(crop_size=[224]), "crop_size must be a list of 2 entries"),
+    (lambda m: m.update(outputs={"name": "x"}), "outputs must be a list"),
+], ids=["threshold", "files", "checksum", "crop", "outputs"])
+def test_damaged_exported_metadata_is_one_line(exported, tmp_path, change, message):
+    from models.deploy import DeployError, load_metadata
+    copy = copy_export(exported, tmp_path / "copy")
+    meta = json.loads((copy / "model.meta.json").read_text())
+    change(meta)
+    (copy / "model.meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DeployError) as caught:
+        load_metadata(copy / "model.json")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_infer_non_finite_output_is_an_error_not_a_verdict(exported, five_images, tmp_path, capsys, monkeypatch,
+                                                          logged):
+    import infer
+    from models.deploy import PaddleInferenceModel
+    real_run = PaddleInferenceModel.run
+
+    def first_map_poisoned(self, images):
+        maps, scores = real_run(self, images)
+        maps[0, 5, 5] = np.nan          # the score stays finite: the map alone must be caught
+        return maps, scores
+
+    monkeypatch.setattr(PaddleInferenceModel, "run", first_map_poisoned)
+    folder, _ = five_images
+    argv = ["--model_file", str(exported / "model.json"), "-i", str(folder), "-b", "2", "--use_gpu", "False",
+            "--save_picture", "False", "--save_path", str(tmp_path)]
+    assert run_in_process(infer.main, argv) == 2
+    err = capsys.readouterr().err
+    out = "\n".join(logged)
+    errors = [line for line in logged if "error: NaN or infinite" in line]
+    assert len(errors) == 3 and len(LINE.findall(out)) == 2         # batches of 2, 2, 1: three first images
+    assert err.strip().splitlines() == ["error: 3 of 5 image(s) got a NaN or infinite anomaly map or score and no "
+                                        "verdict: the model or its parameters are damaged (refit or re-export it)"]
+
+
+def test_predict_non_finite_score_is_an_error_not_a_verdict(model_path, demo_root, tmp_path, capsys, monkeypatch,
+                                                            logged):
+    import models.pipeline as pipeline
+    import predict
+    from utils.cli import run_cli
+    real_scorer = pipeline.model_scorer
+
+    def nan_scorer(*args, **kwargs):
+        score = real_scorer(*args, **kwargs)
+
+        def poisoned(images):
+            maps, scores = score(images)
+            return maps, np.full_like(scores, np.nan)
+        return poisoned
+
+    monkeypatch.setattr(pipeline, "model_scorer", nan_scorer)
+    hole = demo_root / "demo" / "test" / "hole" / "000.png"
+    monkeypatch.setattr(sys, "argv", ["predict.py", "--model_path", str(model_path), "--picture_path", str(hole),
+                                      "--save_path", str(tmp_path / "p.png")])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(predict.main)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    out = "\n".join(logged)
+    assert "-> normal" not in out and "-> anomalous" not in out and "error: NaN or infinite" in out
+    assert len(err.strip().splitlines()) == 1 and "1 of 1 image(s)" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_export_refuses_a_model_with_non_finite_values(model_path, tmp_path, capsys):
+    import export_model
+    from models.model_file import load_model
+    from test_model_file import record_of, write_raw
+    model = load_model(model_path)
+    model.arrays["mean"][3, 1] = np.nan
+    broken = write_raw(tmp_path / "nan.pdparams", record_of(model.meta), model.arrays, model.backbone_state)
+    assert run_in_process(export_model.main, ["--model_path", str(broken), "--save_dir", str(tmp_path / "out"),
+                                              "--verify", "True"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mean holds NaN or infinite values" in err[0], err
+    assert not (tmp_path / "out").exists()

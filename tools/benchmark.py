@@ -951,20 +951,21 @@ def main(argv=None) -> dict:
 
 def model_eps(model_path) -> float:
     from models.model_file import read_meta
-    return float(read_meta(model_path)["eps"])
+    return float(read_meta(model_path).eps)
 
 
 def measure_static(model, model_path, export_dir: Path, test_images, arrays, threads: int, args, limit) -> dict:
     """Export with models.export (as export_model.py) and run infer.py's runtime with oneDNN on."""
     import paddle
 
-    from models.export import InferenceSettings, export_model, open_deployed
+    from models.deploy import InferenceSettings, open_deployed
+    from models.pipeline import export_model_file
 
     tick = time.perf_counter()
     quiet = logging.getLogger("padim.benchmark.quiet")
     quiet.propagate = False
     quiet.addHandler(logging.NullHandler())
-    export_model(model_path, export_dir, verify=False, logger=quiet)
+    export_model_file(model_path, export_dir, verify=False, logger=quiet)
     export_seconds = time.perf_counter() - tick
     settings = InferenceSettings(use_gpu=False, enable_mkldnn=True, cpu_threads=threads, batch_size=BATCH)
     deployed = open_deployed(export_dir, backend="paddle", settings=settings)

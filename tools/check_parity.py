@@ -24,17 +24,17 @@ def main():
 
     from datasets.mvtec import MVTecDataset, iterate_batches
     from models.backbones import set_num_threads
-    from models.export import InferenceSettings, OnnxModel, PaddleInferenceModel, load_metadata
+    from models.deploy import InferenceSettings, OnnxModel, PaddleInferenceModel, load_metadata
     from utils.numbers import max_relative_difference
     from models.model_file import load_model
-    from models.pipeline import build_model, thresholds_of
+    from models.pipeline import build_model
     from utils.cli import resolve_data
 
     set_num_threads()
     root, _ = resolve_data(args)
     model_file = load_model(args.model_path)
-    threshold = thresholds_of(model_file.meta)["image_threshold"]
-    dataset = MVTecDataset(root, args.category, "test", model_file.meta["resize"], model_file.meta["crop_size"])
+    threshold = model_file.meta.decision_thresholds()["image_threshold"]
+    dataset = MVTecDataset(root, args.category, "test", model_file.meta.resize, model_file.meta.crop_size)
     dynamic = build_model(model_file)
     graph = os.path.join(args.export_dir, "model.json")
     meta = load_metadata(graph)

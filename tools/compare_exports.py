@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(folder: str, args):
-    from models.export import GRAPH_NAME, PIR_SUFFIX, InferenceSettings, PaddleInferenceModel, load_metadata
+    from models.deploy import GRAPH_NAME, PIR_SUFFIX, InferenceSettings, PaddleInferenceModel, load_metadata
 
     graph = Path(folder) / (GRAPH_NAME + PIR_SUFFIX)
     settings = InferenceSettings(enable_mkldnn=bool(args.enable_mkldnn), cpu_threads=args.threads,
