@@ -147,7 +147,7 @@ def test_a_second_train_on_a_busy_folder_stops_with_one_line_and_the_first_model
         first.kill()
         first.wait()
     assert_refused_as_busy(second, first.pid, folder)
-    assert load_model(folder / "best.pdparams").meta["category"] == "demo"
+    assert load_model(folder / "best.pdparams").meta.category == "demo"
     assert temp_files(folder) == []
 
 
