@@ -356,7 +356,7 @@ class Report:
 
 def one_repeat(args, repeat: int, exports: dict, scratch: Path, say) -> dict:
     """Every selected part once; the whole-process runs in an order rotated by ``repeat``."""
-    result: dict = {}
+    result: dict = {"load_average_1min_before": os.getloadavg()[0]}
     if "fit" in args.parts:
         say(f"[{repeat + 1}/{args.repeats}] fit: anomalib, anomalib with {args.rss_scale}x the images"
             + (", ours (train.py)" if args.ours_python else ""))
@@ -384,6 +384,7 @@ def one_repeat(args, repeat: int, exports: dict, scratch: Path, say) -> dict:
             else:
                 whole[name] = run_ours_infer(args, scratch, pictures=name.endswith("pictures"))
         result["whole"] = whole
+    result["load_average_1min_after"] = os.getloadavg()[0]
     return result
 
 
@@ -495,7 +496,9 @@ def main(argv=None) -> dict:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         say(f"| {name.ljust(width)} | {value} |")
-    say(f"took {time.perf_counter() - started:.0f} s")
+    loads = [run[key] for run in runs for key in ("load_average_1min_before", "load_average_1min_after")]
+    say(f"took {time.perf_counter() - started:.0f} s; 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
+        f"on {os.cpu_count()} CPUs (other processes' load slows every row)")
     if args.json:
         write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
         say(f"results written to {args.json}")
