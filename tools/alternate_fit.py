@@ -1,6 +1,6 @@
 """Time train.py's fit at two revisions in alternation on one machine (same data, same flags).
 
-    python -m tools.alternate_fit --old 4d90727 --data_path ../shared/data/mvtec --category bottle \\
+    python -m tools.alternate_fit --old <revision> --data_path ../shared/data/mvtec --category bottle \\
         --rounds 3 > logs/fit_alternation_bottle_resnet18.log
 
 The old revision is checked out into a temporary git worktree; each round runs the old and then
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
-    print(f"command: python -m tools.alternate_fit --old {args.old} --data_path {args.data_path} "
+    print(f"# python -m tools.alternate_fit --old {args.old} --data_path {args.data_path} "
           f"--category {args.category} --rounds {args.rounds}")
     with tempfile.TemporaryDirectory(prefix="padim-alternate-") as scratch:
         old_tree = Path(scratch) / "old"

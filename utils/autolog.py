@@ -1,4 +1,4 @@
-"""The AutoLog report of the original infer.py (auto_log 1.2.0, spec §3.6), without auto_log.
+"""The AutoLog report of the original infer.py (auto_log 1.2.0), without auto_log.
 
 ``create_autolog(...)`` returns ``auto_log.AutoLogger`` when that package is importable (it is
 not on PyPI), else ``AutoLogReport``, which has the same constructor arguments, the same

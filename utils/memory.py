@@ -2,17 +2,14 @@
 
 glibc serves a request above its mmap threshold (at most 32 MiB with its adaptive default) with a
 fresh mmap and returns it to the kernel on free, so every batch pays a page fault per 4 KiB of
-every large tensor it writes: a [3136, 32, 100] float32 tensor is 40 MB, ~10,000 faults. Raising
-the mmap and trim thresholds keeps freed blocks in the heap, where the next batch reuses them:
-the ResNet18 PaDiM graph under Paddle Inference went from 111.8 to 145.2 img/s at batch 32
-(logs/benchmark_bottle_resnet18.log as committed in b7c7f7e and b2122f9; MobileNetV2 121.5 -> 355.9
-on the demo).
+every large tensor it writes: a [3136, 32, 100] float32 tensor is 40 MB, some ten thousand
+pages. Raising the mmap and trim thresholds keeps freed blocks in the heap, where the next batch
+reuses them without faulting them in again.
 
 val.py, predict.py, infer.py and export_model.py do this (utils.cli.run_cli); train.py does not:
-there Paddle Inference's allocation pattern grew the heap by ~100 MB a batch over its first
-batches before it levelled off, so the fit's peak RSS would follow small training sets (the
-benchmark's RSS check, 480 vs 60 demo images: 1.13x-1.38x over four runs; one is
-logs/benchmark_demo_resnet18_fit_malloc_kept.log).
+there Paddle Inference's allocation pattern grew the heap over the fit's first batches before it
+levelled off, so the fit's peak RSS would follow small training sets (the benchmark's RSS check;
+logs/benchmark_demo_resnet18_fit_malloc_kept.log is a fit run with the thresholds raised).
 """
 from __future__ import annotations
 

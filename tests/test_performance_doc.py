@@ -1,0 +1,115 @@
+"""tools.performance_doc: the page shows what the logs hold, with their commands, and nothing from
+a log listed as stale; both layouts of the anomalib comparison render; the README block is replaced."""
+import json
+
+import pytest
+
+from tools import performance_doc as doc
+
+TRAIN_LOG = """# python train.py --data_path /data --category bottle --backbone resnet18
+2026-01-01 00:00:00\tbackbone resnet18, weights random, 209 training images under /data/bottle
+2026-01-01 00:00:05\tTrain ends, total 4.25s (features 2.00s, Gaussian 0.31s, 209 images)
+2026-01-01 00:00:09\tClass:bottle:\tImage AUC: 0.971
+2026-01-01 00:00:09\tClass:bottle:\tPixel AUC: 0.927
+2026-01-01 00:00:09\tClass:bottle:\tPRO AUC (FPR<=0.3): 0.752
+"""
+
+
+def benchmark(value: str) -> dict:
+    return {"config": {"category": "bottle", "backbone": "resnet18", "d": 100, "n_train": 209, "n_test": 83},
+            "machine": {"cpu": "Test CPU", "cpus_available": 2, "threads": 2},
+            "results": {"gaussian": {"vectorised_seconds": 0.25, "loop_seconds": 5.0, "speedup": 20.0,
+                                     "max_relative_difference": 2e-5}},
+            "table": [{"section": "fit", "measurement": "train.py fit", "value": value, "target": "", "status": ""}]}
+
+
+@pytest.fixture
+def logs(tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "benchmark_bottle_resnet18.json").write_text(json.dumps(benchmark("12.3 img/s")))
+    (folder / "benchmark_bottle_resnet18.log").write_text("# python -m tools.benchmark --category bottle\nrest\n")
+    (folder / "benchmark_demo_resnet18.json").write_text(json.dumps(benchmark("99.9 img/s")))
+    (folder / "bottle_resnet18_random_train.log").write_text(TRAIN_LOG)
+    (folder / "stale.txt").write_text("# comment\nlogs/benchmark_demo_resnet18.json recorded by removed code\n")
+    return folder
+
+
+def page(folder) -> str:
+    return doc.performance_page(doc.Logs(folder))
+
+
+def test_fresh_rows_with_their_command_and_nothing_from_stale_logs(logs):
+    text = page(logs)
+    assert "12.3 img/s" in text
+    assert "`python -m tools.benchmark --category bottle`" in text
+    assert "99.9" not in text
+    assert "`logs/benchmark_demo_resnet18.json` is to be regenerated (recorded by removed code)" in text
+    # ratios computed from the logged numbers: 5.0 s / 0.25 s
+    assert "250.0 ms vs 5.00 s, 20.0×" in text
+
+
+def test_results_table_hides_the_fit_time_of_a_stale_train_log(logs):
+    text = "\n".join(doc.results_table(doc.Logs(logs)))
+    assert "| resnet18 (random weights) | 0.971 | 0.927 | 0.752 | 4.25 s (209 images) |" in text
+    assert "`python train.py --data_path /data --category bottle --backbone resnet18`" in text
+    (logs / "stale.txt").write_text("logs/bottle_resnet18_random_train.log older code\n")
+    text = "\n".join(doc.results_table(doc.Logs(logs)))
+    assert "| 0.971 | 0.927 | 0.752 | to be regenerated |" in text
+    assert "4.25" not in text
+
+
+def test_anomalib_old_layout(logs):
+    old = {"anomalib": "2.7.0", "threads": 2, "n_train": 209, "n_test": 83, "gaussian_seconds": 1.5,
+           "fit": {"n_images": 209, "seconds": 8.0, "gaussian_seconds": 1.2, "peak_rss": 2 ** 30},
+           "fit_large": {"n_images": 836, "peak_rss": 2 ** 31},
+           "eager_latency_b1_ms": 31.25, "eager_throughput_b32": 50.0}
+    (logs / "anomalib_bottle_resnet18.json").write_text(json.dumps(old))
+    text = "\n".join(doc.anomalib_section(doc.Logs(logs)))
+    assert "| bottle, ResNet18 | ours | anomalib eager |" in text   # no OpenVINO or ONNX runs in that layout
+    assert "| fit, 209 images, decode included |  | 8.00 s (26.1 img/s) |" in text
+    assert "2.00× for 836 vs 209 images" in text
+    assert "| Gaussian fit + scoring alone, 209 train / 83 test | 250.0 ms | 1.50 s |" in text
+    assert "| model call, batch 32 |  | 20.0 ms/img (50.0 img/s) |" in text
+    assert "OpenVINO" not in text.split("\n", 4)[-1]
+
+
+def test_anomalib_new_layout(logs):
+    call = {"latency_b1_ms": 10.0, "latency_b1_mean_ms": 12.0, "throughput_b32": 100.0}
+    new = {"anomalib": "2.7.0", "openvino": "2025.1", "threads": 2, "repeats": 3, "batch_size": 8,
+           "fit": {"n_images": 209, "seconds": 8.0, "process_seconds": 20.0, "peak_rss": 2 ** 31},
+           "fit_large": {"n_images": 836, "peak_rss": 3 * 2 ** 30},
+           "ours_fit": {"seconds": 9.5, "peak_rss": 2 ** 30},
+           "scoring": {"n_train": 209, "n_test": 83, "gaussian_seconds": 2.5, "eager": call,
+                       "openvino": dict(call, throughput_b32=64.0, inference_precision="bf16"),
+                       "onnxruntime": call},
+           "whole": {"anomalib_openvino": {"seconds": 3.0}, "anomalib_onnxruntime": {"seconds": 3.5},
+                     "ours_infer": {"seconds": 4.5, "n_images": 83}, "ours_infer_pictures": {"seconds": 6.0}}}
+    (logs / "anomalib_bottle_resnet18.json").write_text(json.dumps(new))
+    text = "\n".join(doc.anomalib_section(doc.Logs(logs)))
+    assert "| bottle, ResNet18 | ours | anomalib eager | anomalib OpenVINO | anomalib ONNX |" in text
+    assert "the median of 3 interleaved runs" in text
+    assert "| fit, whole process / peak RSS | 9.50 s / 1.00 GiB | 20.00 s / 2.00 GiB |" in text
+    assert "15.6 ms/img (64.0 img/s)" in text
+    assert "| 4.50 s (infer.py) |  | 3.00 s | 3.50 s |" in text
+    assert "| same, with pictures | 6.00 s (infer.py) |" in text
+    story = "\n".join(doc.story(doc.Logs(logs)))
+    assert "took 4.50 s; a lean process running anomalib's OpenVINO export 3.00 s (1.50×)" in story
+
+
+def test_readme_block_replaced_and_check(logs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{doc.README_BEGIN}\nold table\n{doc.README_END}\noutro\n")
+    out = tmp_path / "docs" / "performance.md"
+    arguments = ["--logs", str(logs), "--out", str(out), "--readme", str(readme)]
+    assert doc.main(arguments + ["--check"]) == 1
+    assert doc.main(arguments) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith(f"{doc.README_END}\noutro\n")
+    assert "| 0.971 | 0.927 | 0.752 |" in text
+    assert doc.main(arguments + ["--check"]) == 0
+
+
+def test_commands_name_no_revision():
+    assert doc.shown_command("python -m tools.alternate_fit --old 4d90727 --rounds 3") == \
+        "python -m tools.alternate_fit --old <baseline revision> --rounds 3"
