@@ -17,13 +17,13 @@ DEFAULT_MODEL_PATH = "./output/demo/best.pdparams"
 def build_parser():
     parser = new_parser(__doc__)
     parser.add_argument("--model_path", default=DEFAULT_MODEL_PATH,
-                        help="model file written by train.py (thresholds are taken from it, so run val.py "
-                             "first to export calibrated ones)")
+                        help="model file written by train.py; its verdict thresholds (calibrated, or F1-max after "
+                             "val.py --verdicts f1_max) and image geometry are exported with it")
     parser.add_argument("--save_dir", default="./output",
                         help="output folder, created if missing; the files are written to a temp folder "
                              "inside it and moved into place when complete")
     parser.add_argument("--img_size", type=size_arg, default=None,
-                        help="input size, N or HxW; must equal the model file's crop size (the Gaussian is per "
+                        help="input size, N or HxW; must equal the model file's input size (the Gaussian is per "
                              "position). Default: the model's")
     add_backbone_args(parser, pretrained=False)
     parser.add_argument("--onnx", type=str2bool, default=False,

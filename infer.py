@@ -1,9 +1,11 @@
 """Predict with the exported static graph under Paddle Inference (or its ONNX under onnxruntime).
 
 The graph holds the whole pipeline, so every batch size gives the same answer. For each image it
-prints the score (Mahalanobis units) and the verdict against the exported image threshold (or
---threshold) and saves predict.py's 4-panel picture with the exported colour scale. Everything
-besides the graph comes from <model>.meta.json beside the model file.
+logs the score (Mahalanobis units), the verdict against the exported image threshold (or
+--threshold) and the size of its region, writes predictions.csv and saves predict.py's 4-panel
+picture with the exported colour scale, as predict.py does (an unreadable image: an error row, a
+warning, the others scored, exit code 2 at the end). Everything besides the graph, the image
+geometry included, comes from <model>.meta.json beside the model file.
 """
 from __future__ import annotations
 
@@ -64,11 +66,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from datasets.mvtec import ImageList, iterate_batches, read_rgb
-    from models.deploy import (InferenceSettings, build_runtime, exported_display_range, finite_results,
-                               load_metadata, non_finite_error, resolve_model_file)
-    from utils.visualize import picture_file, report_prediction
+    from datasets.mvtec import ImageList, iterate_batches
+    from models.deploy import (InferenceSettings, build_runtime, exported_display_range, load_metadata,
+                               resolve_model_file)
     from utils.logger import get_logger
+    from utils.predictions import SINGLE_PICTURE_SUFFIXES, PredictionRun, verdict_thresholds
 
     logger = get_logger()
     for flag, value, why in (("-c/--config", args.config, "there is no config file"),
@@ -85,17 +87,14 @@ def main(argv=None):
         args.input_file = Path(demo_data_root()) / DEMO_CATEGORY / "test"
     model_file, backend = resolve_model_file(args.model_file, args.backend, logger)
     meta = load_metadata(model_file)
-    images = ImageList(args.input_file, meta["resize"], meta["crop_size"])     # bad input fails fast
+    images = ImageList(args.input_file, meta["resize"], meta["crop_size"], with_display=args.save_picture)
     runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
     category = args.category or meta["category"]
-    stored = meta["thresholds"]
-    image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
-    pixel_threshold = stored["pixel_threshold"] if args.pixel_threshold is None else args.pixel_threshold
-    vmin, vmax = exported_display_range(meta, args.pixel_threshold)
-    source = "--threshold" if args.threshold is not None else stored["source"]
+    image_threshold, pixel_threshold, source = verdict_thresholds(meta["thresholds"], args.threshold,
+                                                                  args.pixel_threshold)
     print("Inference model(PaDiM)...")
     logger.info(f"model {model_file} ({runtime.backend}, {meta['backbone']}, {meta['category']}); "
-                f"image threshold {image_threshold:.4f} from {source}")
+                f"image threshold {image_threshold:.4f}, pixel threshold {pixel_threshold:.4f} from {source}")
     chunks = [list(range(start, min(start + args.batch_size, len(images))))
               for start in range(0, len(images), args.batch_size)]
     autolog = None
@@ -103,7 +102,7 @@ def main(argv=None):
         from utils.autolog import auto_log_available, create_autolog
         use_auto_log = runtime.backend == "paddle" and auto_log_available()
         log_dir = Path(args.save_path)
-        if log_dir.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        if log_dir.suffix.lower() in SINGLE_PICTURE_SUFFIXES:
             log_dir = log_dir.parent
         # auto_log reads the Paddle Config itself; ours is given what was really configured.
         autolog = create_autolog(
@@ -113,40 +112,28 @@ def main(argv=None):
             process_name=None, gpu_ids=args.gpu_id if runtime.use_gpu else None,
             time_keys=["preprocess_time", "inference_time", "postprocess_time"],
             warmup=1 if len(chunks) > 1 else 0)
-    single = len(images) == 1
-    anomalous = failed = 0
+    display = exported_display_range(meta, args.pixel_threshold)
     # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
     # the time spent waiting for the next batch, not the decode itself.
-    batches = iter(iterate_batches(images, args.batch_size, args.num_workers))
-    for _ in chunks:
+    batches = iter(iterate_batches(images, args.batch_size, args.num_workers, skip_errors=True))
+    with PredictionRun(images, args.save_path, category, "infer", image_threshold, pixel_threshold, display, "Infer",
+                       logger, args.save_picture) as run:
+        for _ in chunks:
+            if autolog:
+                autolog.times.start()
+            batch = next(batches)
+            if autolog:
+                autolog.times.stamp()
+            maps, scores = runtime(batch.images) if batch.samples else (None, None)
+            if autolog:
+                autolog.times.stamp()
+            run.add(batch, maps, scores)
+            if autolog:
+                autolog.times.end(stamp=True)
         if autolog:
-            autolog.times.start()
-        batch = next(batches)
-        if autolog:
-            autolog.times.stamp()
-        maps, scores = runtime(batch.images)
-        if autolog:
-            autolog.times.stamp()
-        for sample, anomaly_map, score, finite in zip(batch.samples, maps, scores, finite_results(maps, scores)):
-            if not finite:
-                failed += 1
-                logger.error(f"Infer : {sample.path}  error: NaN or infinite score or map ({score}): no verdict")
-                continue
-            picture = display_image = None
-            if args.save_picture:
-                picture = picture_file(args.save_path, category, sample.path, images.root, single, "infer")
-                display_image = images.transform.to_display(read_rgb(sample.path))
-            anomalous += report_prediction(logger, "Infer", sample.path, anomaly_map, score, image_threshold,
-                                           pixel_threshold, (vmin, vmax), picture, display_image)
-        if autolog:
-            autolog.times.end(stamp=True)
-    logger.info(f"Infer done: {len(images)} image(s), {anomalous} anomalous"
-                + (f", {failed} without a verdict" if failed else ""))
-    if autolog:
-        from utils.autolog import report
-        report(autolog)
-    if failed:
-        raise non_finite_error(failed, len(images))
+            from utils.autolog import report
+            report(autolog)
+        run.finish()
 
 
 if __name__ == "__main__":

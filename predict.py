@@ -1,15 +1,23 @@
 """Predict one image or every image in a folder with a fitted PaDiM model.
 
-Prints each image's score (Mahalanobis units) and its verdict against the stored image threshold
-(or --threshold), and saves the 4-panel picture. The colour scale comes from statistics stored in
-the model file, so pictures of different images are comparable and a normal image stays blue.
+Logs each image's score (Mahalanobis units), its verdict against the model's image threshold (or
+--threshold) and the size of its region, writes predictions.csv (one row per input image:
+path,image_score,threshold,verdict,region_pixels,picture,error) and saves the 4-panel picture of
+each image, named after its path below the folder given. The thresholds are the ones the model
+file's verdicts use: calibrated at fit time for a target false-alarm rate, or val.py's F1-max
+ones (val.py --verdicts f1_max). Every anomalous verdict shows its region. An image that cannot
+be read gets an error row and a warning, the others are scored, and the run exits with code 2 at
+the end. The colour scale comes from statistics stored in the model file, so pictures of
+different images are comparable and a normal image stays blue.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import add_backbone_args, add_device_arg, add_verdict_args, backbone_name, category_arg, new_parser, positive_int, run_cli
+from utils.cli import (add_backbone_args, add_device_arg, add_verdict_args, backbone_name, category_arg, new_parser,
+                       positive_int, run_cli)
+
 
 def build_parser():
     parser = new_parser(__doc__)
@@ -26,7 +34,8 @@ def build_parser():
     add_backbone_args(parser, pretrained=False)
     parser.add_argument("--seed", type=int, default=None,
                         help="accepted for compatibility: the channel indices come from the model file")
-    add_verdict_args(parser, "the one val.py stored in the model file (the training maximum if val.py never ran)")
+    add_verdict_args(parser, "the pair the model file's verdicts use (calibrated at fit time, or F1-max after "
+                             "val.py --verdicts f1_max)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
     parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
     add_device_arg(parser, "on the CPU, when there is more than one batch of images: trace the model into a Paddle "
@@ -37,13 +46,12 @@ def build_parser():
 
 def main():
     args = build_parser().parse_args()
-    from datasets.mvtec import ImageList, iterate_batches, read_rgb
+    from datasets.mvtec import ImageList, iterate_batches
     from models.backbones import set_num_threads
-    from models.deploy import finite_results, non_finite_error
     from models.model_file import load_model
     from models.pipeline import build_model, model_scorer, use_device
     from utils.logger import get_logger
-    from utils.visualize import picture_file, report_prediction
+    from utils.predictions import PredictionRun, verdict_thresholds
 
     set_num_threads()
     logger = get_logger()
@@ -58,36 +66,20 @@ def main():
         category = meta.category
     if args.seed is not None and args.seed != meta.seed:
         logger.info(f"note: --seed {args.seed} ignored; the channel indices come from {model_path}")
-    images = ImageList(args.picture_path, meta.resize, meta.crop_size)
+    images = ImageList(args.picture_path, meta.resize, meta.crop_size, with_display=args.save_picture)
     use_device(args.device)
     model = build_model(model_file)
-    stored = meta.decision_thresholds()
-    image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
-    pixel_threshold = stored["pixel_threshold"] if args.pixel_threshold is None else args.pixel_threshold
-    vmin, vmax = meta.display_range(pixel_threshold)
-    source = "--threshold" if args.threshold is not None else stored["source"]
-    logger.info(f"model {model_path} ({meta.backbone}, {meta.category}); image threshold "
-                f"{image_threshold:.4f} from {source}")
-    single = len(images) == 1
-    anomalous = failed = 0
+    image_threshold, pixel_threshold, source = verdict_thresholds(meta.decision_thresholds(), args.threshold,
+                                                                  args.pixel_threshold)
+    logger.info(f"model {model_path} ({meta.backbone}, {meta.category}); image threshold {image_threshold:.4f}, "
+                f"pixel threshold {pixel_threshold:.4f} from {source}")
     scorer = model_scorer(model, args.static_graph and len(images) > args.batch_size)
-    for batch in iterate_batches(images, args.batch_size, args.num_workers):
-        maps, scores = scorer(batch.images)
-        for sample, anomaly_map, score, finite in zip(batch.samples, maps, scores, finite_results(maps, scores)):
-            if not finite:
-                failed += 1
-                logger.error(f"Predict : {sample.path}  error: NaN or infinite score or map ({score}): no verdict")
-                continue
-            picture = display_image = None
-            if args.save_picture:
-                picture = picture_file(args.save_path, category, sample.path, images.root, single, "predict")
-                display_image = images.transform.to_display(read_rgb(sample.path))
-            anomalous += report_prediction(logger, "Predict", sample.path, anomaly_map, score, image_threshold,
-                                           pixel_threshold, (vmin, vmax), picture, display_image)
-    logger.info(f"Predict done: {len(images)} image(s), {anomalous} anomalous"
-                + (f", {failed} without a verdict" if failed else ""))
-    if failed:
-        raise non_finite_error(failed, len(images))
+    with PredictionRun(images, args.save_path, category, "predict", image_threshold, pixel_threshold,
+                       meta.display_range(pixel_threshold), "Predict", logger, args.save_picture) as run:
+        for batch in iterate_batches(images, args.batch_size, args.num_workers, skip_errors=True):
+            maps, scores = scorer(batch.images) if batch.samples else (None, None)
+            run.add(batch, maps, scores)
+        run.finish()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """Fit PaDiM for one MVTec category (or all) from its normal training images.
 
-Writes <save_path>/<category>/best.pdparams (self-contained model file) and train.log, then with
---val=True evaluates exactly as val.py does.
+Writes <save_path>/<category>/best.pdparams (self-contained model file, with verdict thresholds
+calibrated on the training images for --false_alarm_rate) and train.log, then with --val=True
+evaluates exactly as val.py does.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import (STATIC_GRAPH_HELP, add_backbone_args, add_data_args, add_device_arg, backbone_name,
-                       categories_to_run, new_parser, non_negative_int, positive_int, resolve_data, run_cli,
-                       size_arg, str2bool, weights_choice)
+from models.calibration import DEFAULT_FALSE_ALARM_RATE
+from utils.cli import (STATIC_GRAPH_HELP, UsageError, add_backbone_args, add_data_args, add_device_arg,
+                       add_geometry_args, add_verdicts_arg, backbone_name, categories_to_run, new_parser,
+                       non_negative_int, positive_int, rate_arg, resolve_data, run_cli, str2bool, weights_choice)
 
 
 def build_parser():
@@ -22,14 +24,17 @@ def build_parser():
     parser.add_argument("--d_reduced", type=positive_int, default=None,
                         help="number of randomly selected channels d; default 100 (550 for resnet50 "
                              "and wide_resnet50_2), as in the paper")
-    parser.add_argument("--resize", type=positive_int, default=256,
-                        help="shorter image side after the (PIL bilinear) resize")
-    parser.add_argument("--crop_size", type=size_arg, default=(224, 224),
-                        help="centre crop, N or HxW; the model's input size")
+    add_geometry_args(parser)
+    parser.add_argument("--false_alarm_rate", type=rate_arg, default=DEFAULT_FALSE_ALARM_RATE,
+                        help="target share of normal images called anomalous: the image threshold is the "
+                             "conformal quantile of the training images' leave-one-out scores (each scored by the "
+                             "model of the others). N training images can guarantee no less than 1/(N+1); below "
+                             "that the largest score is used, and the log says so")
     parser.add_argument("--save_picture", type=str2bool, default=True,
                         help="with --val: save the figure of every test image and roc_curve.png")
     parser.add_argument("--val", type=str2bool, default=True,
                         help="evaluate on the test split right after fitting (as val.py)")
+    add_verdicts_arg(parser)
     parser.add_argument("--print_freq", type=non_negative_int, default=2,
                         help="log a line every N batches (0: never)")
     parser.add_argument("--seed", type=int, default=7,
@@ -43,10 +48,12 @@ def main():
     from datasets.mvtec import MVTecDataset
     from models.backbones import set_num_threads
     from models.model_file import save_model
-    from models.pipeline import fit_padim, use_device
+    from models.pipeline import calibration_note, fit_padim, use_device
     from utils.files import exclusive_folder, remove_previous_results
     from utils.logger import close_file_handlers, get_logger
 
+    if args.verdicts == "f1_max" and not args.val:
+        raise UsageError("--verdicts f1_max needs --val=True: the F1-max thresholds come from the test split")
     set_num_threads()
     root, _ = resolve_data(args)
     use_device(args.device)
@@ -64,9 +71,17 @@ def main():
             logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
             model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
                                            batch_size=args.batch_size, num_workers=args.num_workers,
-                                           print_freq=args.print_freq, static_graph=args.static_graph)
+                                           print_freq=args.print_freq, static_graph=args.static_graph,
+                                           false_alarm_rate=args.false_alarm_rate)
             logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
                         f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
+            calibration = model_file.meta.calibration
+            logger.info(f"Calibration {report.calibration_seconds:.2f}s (within the total): image threshold "
+                        f"{calibration.image_threshold:.4f}, pixel threshold {calibration.pixel_threshold:.4f}, "
+                        f"{calibration.source}")
+            note = calibration_note(calibration)
+            if note:
+                logger.info(note)
             logger.info("Saving model...")
             model_path = out_dir / "best.pdparams"
             removed = remove_previous_results(out_dir, category)
@@ -80,7 +95,8 @@ def main():
                 from models.evaluate import evaluate_category
                 results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
                                                       args.num_workers, args.save_picture, logger=logger,
-                                                      static_graph=args.static_graph, model_id=model_id)
+                                                      static_graph=args.static_graph, model_id=model_id,
+                                                      verdicts=args.verdicts)
             close_file_handlers()
     if args.val and len(categories) > 1:
         from utils.evaluation import markdown_table, summary_rows, write_summary

@@ -1,15 +1,18 @@
 """Evaluate a fitted PaDiM model on a category's test split.
 
-Writes <save_path>/<category>/scores.csv and metrics.json, stores the F1-max thresholds in the
-model file, and with --save_picture draws the 5-panel figure of every test image and the ROC curves.
+Writes <save_path>/<category>/scores.csv and metrics.json (the original's ROC-AUCs and F1-max
+thresholds, PRO, and the false alarms and defects found at the calibrated threshold), stores the
+F1-max thresholds in the model file beside the calibrated ones (--verdicts says which pair the
+verdicts use), and with --save_picture draws the 5-panel figure of every test image and the ROC
+curves.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
-from utils.cli import (STATIC_GRAPH_HELP, UsageError, add_backbone_args, add_data_args, add_device_arg, backbone_name,
-                       categories_to_run, new_parser, resolve_data, run_cli, str2bool)
+from utils.cli import (STATIC_GRAPH_HELP, UsageError, add_backbone_args, add_data_args, add_device_arg,
+                       add_verdicts_arg, backbone_name, categories_to_run, new_parser, resolve_data, run_cli, str2bool)
 
 
 def build_parser():
@@ -22,6 +25,7 @@ def build_parser():
     add_backbone_args(parser, pretrained=False)
     parser.add_argument("--save_picture", type=str2bool, default=True,
                         help="save the 5-panel figure of every test image and roc_curve.png")
+    add_verdicts_arg(parser)
     parser.add_argument("--print_freq", type=int, default=2, help="accepted for compatibility; unused")
     parser.add_argument("--seed", type=int, default=None,
                         help="accepted for compatibility: the channel indices come from the model file")
@@ -49,7 +53,7 @@ def evaluate_all(args) -> dict:
         with exclusive_folder(Path(args.save_path) / category), exclusive_folder(Path(model_path).parent, create=False):
             results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
                                                   args.num_workers, args.save_picture, backbone_name(args), args.seed,
-                                                  static_graph=args.static_graph)
+                                                  static_graph=args.static_graph, verdicts=args.verdicts)
             close_file_handlers()
     if len(categories) > 1:
         rows = summary_rows(results)

@@ -8,11 +8,12 @@ gets the same size. Sizes are (height, width) throughout; PIL's are (width, heig
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from PIL import Image
 
-from datasets.mvtec import DataError
+from datasets import DataError
 
 # The original's Resize 256 -> CenterCrop 224 trims 23.4% of a square image's area, a border the
 # MVTec objects do not reach; a crop that discards more than this share is worth a log line.
@@ -20,6 +21,9 @@ CROP_NOTICE_SHARE = 0.25
 # A side beyond this is a typo or a hostile model file, not an image size for a CNN.
 MAX_SIDE = 16384
 NO_CROP = "none"
+# (geometry, width, height) already noticed in this process: one notice per image shape.
+_NOTICED: set = set()
+_NOTICED_LOCK = threading.Lock()
 
 
 class GeometryError(DataError):
@@ -58,15 +62,20 @@ def parse_resize(value) -> int | tuple[int, int]:
     return _side(value, "--resize")
 
 
+def parse_size(value, what: str = "size") -> tuple[int, int]:
+    """``"224"`` -> (224, 224); ``"224x320"`` -> (224, 320) as (H, W)."""
+    if isinstance(value, (tuple, list)) or any(sep in str(value).lower() for sep in "x,"):
+        return _pair(value, what)
+    side = _side(value, what)
+    return side, side
+
+
 def parse_crop(value) -> tuple[int, int] | None:
     """``--crop_size``: ``"none"`` (or None) -> None, no crop; ``"224"`` -> (224, 224);
     ``"224x320"`` -> (224, 320) as (H, W)."""
     if value is None or str(value).strip().lower() == NO_CROP:
         return None
-    if isinstance(value, (tuple, list)) or any(sep in str(value).lower() for sep in "x,"):
-        return _pair(value, "--crop_size")
-    side = _side(value, "--crop_size")
-    return side, side
+    return parse_size(value, "--crop_size")
 
 
 @dataclass(frozen=True)
@@ -86,10 +95,6 @@ class Geometry:
                 self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]):
             raise GeometryError(f"--crop_size {self.crop[0]}x{self.crop[1]} is larger than --resize "
                                 f"{self.resize[0]}x{self.resize[1]}")
-
-    @classmethod
-    def from_flags(cls, resize, crop_size) -> "Geometry":
-        return cls(parse_resize(resize), parse_crop(crop_size))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -148,14 +153,17 @@ class Geometry:
                 f"{resized_h}x{resized_w}) discards {share:.0%} of their area: defects there are not seen; "
                 f"--resize {resized_h}x{resized_w} --crop_size {NO_CROP} keeps it all")
 
+    def first_crop_notice(self, width: int, height: int) -> str | None:
+        """:meth:`crop_notice` the first time this process meets a ``width`` x ``height`` image
+        under this geometry, else None (safe to call from decoding threads)."""
+        key = (self, int(width), int(height))
+        with _NOTICED_LOCK:
+            if key in _NOTICED:
+                return None
+            _NOTICED.add(key)
+        return self.crop_notice(width, height)
+
     def to_meta(self) -> dict:
         """JSON values for the model file: resize N or [H, W]; crop_size [H, W] or None."""
         resize = self.resize if isinstance(self.resize, int) else list(self.resize)
         return {"resize": resize, "crop_size": None if self.crop is None else list(self.crop)}
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "Geometry":
-        """From a model file's metadata (untrusted: bad values raise :class:`GeometryError`)."""
-        if not isinstance(meta, dict) or "resize" not in meta or "crop_size" not in meta:
-            raise GeometryError("the model file does not say how images are resized and cropped")
-        return cls(meta["resize"], meta["crop_size"])

@@ -10,15 +10,19 @@ anything is fitted or written), images above PIL's decompression-bomb limit are 
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from datasets import DataError
+from datasets.geometry import Geometry
 
 CLASS_NAMES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -31,14 +35,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # PIL reads 16-bit PNG/TIFF as I;16*, 16-bit PGM as I (32-bit integers holding 0..65535), float
 # TIFF as F (taken as 0..1); 16-bit RGB(A) PNGs it already reduces to 8 bits per channel.
 HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+LOGGER = logging.getLogger("padim")
 
 # An image above PIL's pixel limit (Image.MAX_IMAGE_PIXELS) is a possible decompression bomb:
 # PIL only warns below twice the limit; here both are errors (see _open_image).
 warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
-
-class DataError(ValueError):
-    """A user-facing problem with the data: missing folder, empty split, unreadable image."""
 
 
 def check_category_name(category: str) -> str:
@@ -50,49 +51,6 @@ def check_category_name(category: str) -> str:
         raise DataError(f"category must be a plain folder name or 'all' (no path separator, '.' or '..'), "
                         f"got {category!r}")
     return category
-
-
-def parse_size(value) -> tuple[int, int]:
-    """``224`` or ``"224"`` -> (224, 224); ``"224x320"`` / ``"224,320"`` -> (224, 320) as (H, W)."""
-    if isinstance(value, (tuple, list)):
-        height, width = (int(v) for v in value)
-    else:
-        text = str(value).lower().replace(",", "x")
-        parts = text.split("x")
-        if len(parts) == 1:
-            height = width = int(parts[0])
-        elif len(parts) == 2:
-            height, width = int(parts[0]), int(parts[1])
-        else:
-            raise ValueError(f"size must be N or HxW, got {value!r}")
-    if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return height, width
-
-
-def _resize_shorter_side(image: Image.Image, size: int, resample) -> Image.Image:
-    # Same rule as paddle.vision.transforms.Resize(int): shorter side to `size`, the other
-    # side scaled and truncated with int(), no resize when the shorter side already matches.
-    width, height = image.size
-    if (width <= height and width == size) or (height <= width and height == size):
-        return image
-    if width < height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_h, new_w = size, int(size * width / height)
-    return image.resize((new_w, new_h), resample)
-
-
-def _center_crop(image: Image.Image, crop: tuple[int, int]) -> Image.Image:
-    width, height = image.size
-    crop_h, crop_w = crop
-    if crop_h > height or crop_w > width:
-        raise DataError(
-            f"crop {crop_h}x{crop_w} is larger than the resized image {height}x{width}; "
-            "lower --crop_size or raise --resize")
-    top = int(round((height - crop_h) / 2.0))
-    left = int(round((width - crop_w) / 2.0))
-    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 def _open_image(path, what: str = "image") -> Image.Image:
@@ -175,23 +133,31 @@ def _check_mask_size(mask_path, mask_size, image_size, image_path=None) -> None:
 
 
 class ImageTransform:
-    """Resize (shorter side, PIL bilinear) -> CenterCrop -> [0,1] -> ImageNet normalisation.
+    """The image geometry (datasets.geometry: resize, then a centre crop or none; PIL bilinear for
+    images, nearest for masks) -> [0,1] -> ImageNet normalisation.
 
     The original used paddle.vision.transforms with the same defaults; this is the same
-    arithmetic in NumPy so that decoding can run in threads without touching Paddle.
+    arithmetic in NumPy so that decoding can run in threads without touching Paddle. The first
+    image of each shape whose crop discards a large share of it is logged once.
     """
 
-    def __init__(self, resize: int = 256, crop_size=224,
+    def __init__(self, resize=256, crop_size=224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.resize = int(resize)
-        self.crop_size = parse_size(crop_size)
+        self.geometry = Geometry(resize, crop_size)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of every transformed image and mask."""
+        return self.geometry.image_size
+
     def to_display(self, image: Image.Image) -> np.ndarray:
         """The resized and cropped image as uint8 HWC, as shown in the figures."""
-        image = _resize_shorter_side(image, self.resize, Image.BILINEAR)
-        return np.asarray(_center_crop(image, self.crop_size), dtype=np.uint8)
+        notice = self.geometry.first_crop_notice(*image.size)
+        if notice is not None:
+            LOGGER.warning(f"warning: {notice}")
+        return np.asarray(self.geometry.apply(image, Image.BILINEAR), dtype=np.uint8)
 
     def normalise(self, display: np.ndarray) -> np.ndarray:
         chw = display.astype(np.float32).transpose(2, 0, 1) / 255.0
@@ -212,8 +178,7 @@ class ImageTransform:
         if image_size is not None and mask.size != tuple(image_size):
             _check_mask_size(path, mask.size, image_size)
             mask = mask.resize(tuple(image_size), Image.NEAREST)
-        mask = _resize_shorter_side(mask, self.resize, Image.NEAREST)
-        return np.asarray(_center_crop(mask, self.crop_size)) > 127
+        return np.asarray(self.geometry.apply(mask, Image.NEAREST)) > 127
 
 
 @dataclass(frozen=True)
@@ -243,8 +208,9 @@ def list_categories(data_path) -> list[str]:
     return found
 
 
-# The Gaussian's covariance uses N - 1: one image gives none.
-MIN_TRAIN_IMAGES = 2
+# The Gaussian's covariance uses N - 1, and the calibration scores each training image with the
+# model of the others (models.calibration.leave_one_out_distances): three images at the least.
+MIN_TRAIN_IMAGES = 3
 
 
 class MVTecDataset:
@@ -256,8 +222,7 @@ class MVTecDataset:
     every defective image with its mask, of the image's size or aspect ratio (mask_fits).
     """
 
-    def __init__(self, data_path, category: str, split: str = "train", resize: int = 256,
-                 crop_size=224):
+    def __init__(self, data_path, category: str, split: str = "train", resize=256, crop_size=224):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         check_category_name(category)
@@ -304,8 +269,9 @@ class MVTecDataset:
         if not self.samples:
             raise DataError(f"{name} is empty: no images under {split_dir}")
         if self.split == "train" and len(self.samples) < MIN_TRAIN_IMAGES:
-            raise DataError(f"{name} has {len(self.samples)} image, at least {MIN_TRAIN_IMAGES} are needed "
-                            f"to fit a Gaussian: add normal images under {split_dir / 'good'}")
+            raise DataError(f"{name} has {len(self.samples)} image(s), at least {MIN_TRAIN_IMAGES} are needed "
+                            f"to fit a Gaussian and calibrate its thresholds: add normal images under "
+                            f"{split_dir / 'good'}")
         if self.split == "test":
             defective = sum(sample.label for sample in self.samples)
             if defective == 0:
@@ -337,7 +303,7 @@ class MVTecDataset:
         decoded = read_rgb(sample.path)
         image = self.transform(decoded)
         if sample.mask_path is None:
-            mask = np.zeros(self.transform.crop_size, dtype=bool)
+            mask = np.zeros(self.transform.image_size, dtype=bool)
         else:
             mask = self.transform.mask(sample.mask_path, decoded.size)
         return image, mask
@@ -348,18 +314,25 @@ class Batch:
     images: np.ndarray      # [B,3,H,W] float32, normalised
     masks: np.ndarray       # [B,H,W] bool
     samples: list
+    # uint8 [H,W,3] each, the images as shown in pictures (an ImageList with ``with_display``)
+    displays: list | None = None
+    # (Sample, one-line message) of the images of this batch that could not be loaded (skip_errors)
+    failed: list = field(default_factory=list)
 
 
-def iterate_batches(dataset: MVTecDataset, batch_size: int, num_workers: int = 2,
-                    prefetch: int = 2) -> Iterator[Batch]:
+def iterate_batches(dataset, batch_size: int, num_workers: int = 2, prefetch: int = 2,
+                    skip_errors: bool = False) -> Iterator[Batch]:
     """Batches in dataset order; decoding runs in threads ahead of the consumer.
 
     PIL releases the GIL while decoding and resizing, so threads overlap image decoding with
-    the backbone's forward pass without the cost of worker processes.
+    the backbone's forward pass without the cost of worker processes. An image that cannot be
+    loaded (a DataError) stops the iteration, or with ``skip_errors`` goes to its batch's
+    ``failed`` list while the others are loaded (a batch may then hold no image).
     """
     indices = list(range(len(dataset)))
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     workers = max(1, int(num_workers))
+    height, width = dataset.transform.image_size
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = []
         for chunk in chunks[:prefetch]:
@@ -369,16 +342,34 @@ def iterate_batches(dataset: MVTecDataset, batch_size: int, num_workers: int = 2
             next_position = position + prefetch
             if next_position < len(chunks):
                 pending.append([pool.submit(dataset.load, i) for i in chunks[next_position]])
-            loaded = [f.result() for f in futures]
-            yield Batch(np.stack([item[0] for item in loaded]),
-                        np.stack([item[1] for item in loaded]),
-                        [dataset.samples[i] for i in chunk])
+            loaded, samples, failed = [], [], []
+            for index, future in zip(chunk, futures):
+                try:
+                    loaded.append(future.result())
+                except DataError as exc:
+                    if not skip_errors:
+                        raise
+                    failed.append((dataset.samples[index], " ".join(str(exc).split())))
+                    continue
+                samples.append(dataset.samples[index])
+            if not loaded:
+                yield Batch(np.empty((0, 3, height, width), np.float32), np.empty((0, height, width), bool), [],
+                            [], failed)
+                continue
+            displays = [item[2] for item in loaded] if len(loaded[0]) > 2 else None
+            yield Batch(np.stack([item[0] for item in loaded]), np.stack([item[1] for item in loaded]), samples,
+                        displays, failed)
 
 
 class ImageList:
-    """Loose image files (a file or a folder, searched recursively, sorted) for prediction."""
+    """Loose image files (a file or a folder, searched recursively, sorted) for prediction.
 
-    def __init__(self, picture_path, resize: int = 256, crop_size=224):
+    Only the file list is checked here: an image that cannot be read fails when it is loaded, so
+    that a run can report it and go on with the others (iterate_batches' ``skip_errors``). With
+    ``with_display``, ``load`` also returns the image as shown in pictures.
+    """
+
+    def __init__(self, picture_path, resize=256, crop_size=224, with_display: bool = False):
         root = Path(picture_path)
         try:
             if root.is_dir():
@@ -391,17 +382,21 @@ class ImageList:
                 raise DataError(f"picture not found: {root}")
         except OSError as exc:
             raise DataError(f"cannot read {exc.filename or root}: {exc.strerror or exc}") from None
-        for path in paths:  # headers only: a bad file stops the run before any image is scored
-            image_size(path)
         self.root = root
         self.category = root.name
         self.split = "predict"
         self.transform = ImageTransform(resize, crop_size)
+        self.with_display = with_display
         self.samples = [Sample(str(p), -1, "", None) for p in paths]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = self.transform(read_rgb(self.samples[index].path))
-        return image, np.zeros(self.transform.crop_size, dtype=bool)
+    def load(self, index: int) -> tuple:
+        """(normalised image [3,H,W] float32, empty mask [H,W] bool), plus the displayed image
+        uint8 [H,W,3] with ``with_display``."""
+        display = self.transform.to_display(read_rgb(self.samples[index].path))
+        empty = np.zeros(self.transform.image_size, dtype=bool)
+        if self.with_display:
+            return self.transform.normalise(display), empty, display
+        return self.transform.normalise(display), empty

@@ -1,5 +1,5 @@
 """Verdict thresholds from scores of normal images that the scoring model has not seen, and the
-rules that tie verdict, threshold and region together. Pure NumPy: no files, no Paddle.
+rules that tie verdict, threshold and region together. NumPy only: no files, no Paddle.
 
 The user's knob is a target false-alarm rate ``a`` (the share of normal images called anomalous).
 The image threshold is the split-conformal quantile of ``n`` calibration scores: the ``k``-th
@@ -26,17 +26,19 @@ from fractions import Fraction
 
 import numpy as np
 
+from utils.morphology import OPENING_RADIUS, open_mask
+
 DEFAULT_FALSE_ALARM_RATE = 0.01
-# Memory for the embeddings of the calibration images, kept until the fit is finalized; every
-# training image calibrates when they fit in it.
-CALIBRATION_MEMORY_BYTES = 1 << 30
+# Memory for the embeddings of the calibration images, kept until the fit is finalized: what the
+# calibration adds to the fit's memory (otherwise independent of the number of images). Every
+# training image calibrates when they fit in it; else as many as fit (ResNet18 at 224: about 200),
+# never fewer than the rate needs (images_needed).
+CALIBRATION_MEMORY_BYTES = 256 << 20
 # The pixel threshold's rate as a share of the image rate. An image score is the maximum of many
 # correlated pixels, so a pixel must be far rarer than an image to mark where a defect lies; at
 # this share the regions of real defects come out close to those of the test split's F1-max
 # pixel threshold, while the image rate's own pixel quantile paints a wide halo around them.
 PIXEL_RATE_SHARE = 0.01
-# Radius of the opening that cleans the predicted region (the original's disk(4)).
-OPENING_RADIUS = 4
 VERDICT_SOURCES = ("calibrated", "f1_max")
 MAX_SOURCE_CHARS = 1000
 
@@ -244,14 +246,13 @@ def anomaly_region(anomaly_map: np.ndarray, pixel_threshold: float, anomalous: b
     if not anomalous:
         return np.zeros(anomaly_map.shape, dtype=bool)
     above = anomaly_map > pixel_threshold
-    if opening_radius > 0 and above.any():
-        from skimage import morphology
-        opened = morphology.opening(above, morphology.disk(opening_radius))
+    if not above.any():
+        return anomaly_map >= anomaly_map.max()
+    if opening_radius > 0:
+        opened = open_mask(above, opening_radius)
         if opened.any():
             return opened
-    if above.any():
-        return above
-    return anomaly_map >= anomaly_map.max()
+    return above
 
 
 def false_alarm_rate(scores, labels, threshold: float) -> float | None:

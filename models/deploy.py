@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.model_file import (ModelFileError, SchemaError, check_dict, check_int, check_list, check_normalisation,
-                               check_number, check_size, check_str, check_thresholds, display_range, first_line)
+from models.model_file import (ModelFileError, SchemaError, check_dict, check_geometry, check_int, check_list,
+                               check_normalisation, check_number, check_str, check_thresholds, display_range,
+                               first_line)
 from utils.numbers import available_cpus
 
 LOGGER = logging.getLogger("padim")
@@ -87,8 +88,7 @@ def _check_exported(meta) -> dict:
                                       "thresholds", "display", "inputs", "outputs", "files"))
     for key in ("category", "backbone", "model_id"):
         check_str(meta[key], key)
-    check_int(meta["resize"], "resize", 1)
-    check_size(meta["crop_size"], "crop_size")
+    check_geometry(meta["resize"], meta["crop_size"])
     check_normalisation(meta["normalisation"])
     check_thresholds(meta["thresholds"])
     display = check_dict(meta["display"], "display", ("vmin", "vmax"))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from datasets.mvtec import MVTecDataset, read_rgb
+from models.calibration import VERDICT_SOURCES, verdict_metrics
 from models.deploy import finite_results, non_finite_error
 from models.model_file import ModelFileError, load_model, update_meta
 from models.pipeline import build_model, score_dataset
@@ -17,11 +18,16 @@ from utils.logger import get_logger
 
 def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
                       save_picture=True, expected_backbone=None, seed=None, logger: logging.Logger | None = None,
-                      static_graph=True, model_id: str | None = None) -> dict:
-    """Score the test split, report the original's lines plus PRO, store the F1-max thresholds
-    in the model file (only if it still holds the model evaluated), then write scores.csv,
-    metrics.json and, with ``save_picture``, the figures into ``<save_path>/<category>/``.
-    ``model_id`` (train.py's own fit): the file must still hold that model."""
+                      static_graph=True, model_id: str | None = None, verdicts: str = "calibrated") -> dict:
+    """Score the test split, report the original's lines plus PRO and the verdicts at the
+    calibrated threshold (false alarms on good images, defects found), store the F1-max
+    thresholds in the model file's calibration record with ``verdicts`` (which pair predict and
+    infer use: calibrated or f1_max), only if the file still holds the model evaluated; then
+    write scores.csv, metrics.json and, with ``save_picture``, the figures into
+    ``<save_path>/<category>/``. ``model_id`` (train.py's own fit): the file must still hold
+    that model."""
+    if verdicts not in VERDICT_SOURCES:
+        raise ValueError(f"verdicts must be one of {', '.join(VERDICT_SOURCES)}, got {verdicts!r}")
     out_dir = Path(save_path) / category
     logger = logger or get_logger(out_dir / "val.log")
     model_file = load_model(model_path, expected_backbone)
@@ -47,12 +53,21 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     logger.info(f"Class:{category}:\tPRO AUC (FPR<=0.3): {metrics['pro_auc']:.3f}")
     logger.info(f"Class:{category}:\timage threshold {metrics['image_threshold']:.4f} (F1 {metrics['image_f1']:.3f}), "
                 f"pixel threshold {metrics['pixel_threshold']:.4f} (F1 {metrics['pixel_f1']:.3f})")
-    meta.thresholds = {
-        "image_threshold": metrics["image_threshold"],
-        "pixel_threshold": metrics["pixel_threshold"],
-        "source": f"F1-max on the test split of {Path(data_root) / category} ({metrics['n_test']} images), "
-                  f"val.py {time.strftime('%Y-%m-%d %H:%M:%S')}",
-    }
+    calibration = meta.calibration
+    metrics["calibrated"] = dict(verdict_metrics(scored.scores, scored.labels, calibration.image_threshold),
+                                 target_false_alarm_rate=calibration.false_alarm_rate,
+                                 guaranteed_false_alarm_rate=calibration.guaranteed_rate,
+                                 n_calibration=calibration.n_calibration, source=calibration.source)
+    metrics["f1_max"] = verdict_metrics(scored.scores, scored.labels, metrics["image_threshold"])
+    for name, counts in (("calibrated", metrics["calibrated"]), ("F1-max", metrics["f1_max"])):
+        logger.info(f"Class:{category}:\t{name} image threshold {counts['threshold']:.4f}: false alarms "
+                    f"{counts['false_alarms']}/{counts['normal_images']} good images, defects found "
+                    f"{counts['defects_found']}/{counts['defective_images']}")
+    meta.calibration = replace(calibration, verdicts=verdicts, f1_image_threshold=metrics["image_threshold"],
+                               f1_pixel_threshold=metrics["pixel_threshold"])
+    metrics["verdicts"] = verdicts
+    logger.info(f"Verdicts use the {'calibrated' if verdicts == 'calibrated' else 'F1-max'} thresholds "
+                f"(--verdicts {verdicts})")
     # First: when the file now holds another model, nothing of this evaluation is written.
     update_meta(model_path, meta)
     write_scores_csv(out_dir / "scores.csv", scored.samples, scored.scores)

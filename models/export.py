@@ -47,7 +47,7 @@ PARITY_RTOL = 1e-3
 ONNX_LIMIT_BYTES = 2 ** 31 - (1 << 24)   # 2 GiB, less room for the graph itself
 # Copied from the model file into the exported metadata as they are.
 MODEL_FIELDS = ("category", "backbone", "weights_source", "stage_names", "d", "seed", "eps", "sigma", "n_train",
-                "resize", "crop_size", "feature_grid", "normalisation", "train_statistics", "model_id")
+                "resize", "crop_size", "feature_grid", "normalisation", "train_statistics", "calibration", "model_id")
 
 
 class ExportCheckError(RuntimeError):
@@ -60,7 +60,7 @@ def build_metadata(model_meta: ModelMeta, model_path, graph_file: Path, params_f
                    output_names: list, onnx_file: Path | None = None, onnx_io: dict | None = None,
                    parity: dict | None = None) -> dict:
     """The deployment metadata: infer.py needs nothing else besides the graph files."""
-    height, width = model_meta.crop_size
+    height, width = model_meta.image_size
     thresholds = model_meta.decision_thresholds()
     vmin, vmax = model_meta.display_range()
     record = model_meta.to_dict()
@@ -74,8 +74,9 @@ def build_metadata(model_meta: ModelMeta, model_path, graph_file: Path, params_f
         "source_model": str(model_path),
         "source_model_created": model_meta.created,
         **{key: record[key] for key in MODEL_FIELDS},
-        "preprocessing": "RGB; resize shorter side to `resize` (PIL bilinear); centre crop `crop_size` "
-                         "(H, W); /255; (x - mean) / std per channel; NCHW float32",
+        "preprocessing": "RGB; resize (PIL bilinear) the shorter side to `resize`, or to exactly [H, W] when "
+                         "it is a pair; centre crop `crop_size` (H, W; null: no crop); /255; (x - mean) / std "
+                         "per channel; NCHW float32",
         "thresholds": {"image_threshold": float(thresholds["image_threshold"]),
                        "pixel_threshold": float(thresholds["pixel_threshold"]),
                        "source": thresholds["source"]},
@@ -103,12 +104,12 @@ class ExportResult:
 
 
 def check_export_request(model_meta: ModelMeta, img_size=None, onnx: bool = False) -> None:
-    """Refuse what cannot be exported before anything is loaded: --img_size must be the crop size
+    """Refuse what cannot be exported before anything is loaded: --img_size must be the input size
     the Gaussian was fitted at (it is per position), --onnx needs paddle2onnx."""
-    crop = tuple(model_meta.crop_size)
-    if img_size is not None and tuple(int(v) for v in img_size) != crop:
+    size = tuple(model_meta.image_size)
+    if img_size is not None and tuple(int(v) for v in img_size) != size:
         given = "x".join(str(int(v)) for v in img_size)
-        raise DeployError(f"--img_size {given} does not match the model's crop size {crop[0]}x{crop[1]}: the "
+        raise DeployError(f"--img_size {given} does not match the model's input size {size[0]}x{size[1]}: the "
                           f"Gaussian is fitted per feature position, so the input size is fixed at fit time "
                           f"(omit --img_size, or refit with train.py --crop_size {given})")
     if onnx and importlib.util.find_spec("paddle2onnx") is None:
@@ -202,7 +203,7 @@ def export_model(model, model_meta: ModelMeta, model_path, save_dir, onnx: bool 
     import paddle
 
     logger = logger or LOGGER
-    height, width = model_meta.crop_size
+    height, width = model_meta.image_size
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=save_dir))

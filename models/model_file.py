@@ -1,18 +1,19 @@
 """The self-contained model file (``best.pdparams``): a NumPy ``.npz`` archive, no pickle.
 
 It holds everything predict/val/export need: the metadata (``ModelMeta``: backbone, stages,
-sizes, eps, seed, training score statistics and, once val.py has run, the calibrated
-thresholds), ``idx``, the Gaussian (mean + whitening) and the backbone weights. Arrays are
-streamed into the archive, so a large whitening tensor is not copied in memory while saving,
-and loading never runs pickled code.
+image geometry, eps, seed, the calibration's thresholds and score statistics and, once val.py
+has run, its F1-max thresholds), ``idx``, the Gaussian (mean + whitening) and the backbone
+weights. Arrays are streamed into the archive, so a large whitening tensor is not copied in
+memory while saving, and loading never runs pickled code.
 
 The file is untrusted when read: every member's shape and dtype come from its ``.npy`` header
 and are checked against the metadata before any array is read, members must be stored
 uncompressed (so no member can declare more bytes than the file holds), the metadata is checked
 against ModelMeta's schema, and non-finite statistics or weights are refused.
 
-This module is the bottom layer: NumPy and the standard library only, no training code, so the
-deploy runtime can use its schema checks and ``display_range``.
+This module is the bottom layer: NumPy and the standard library only (and models.calibration,
+the verdict rules in NumPy, whose record it checks), no training code, so the deploy runtime can
+use its schema checks and ``display_range``.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models.calibration import Calibration, CalibrationError
 from utils.files import write_atomically
 
 FORMAT = "padim-paddle-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 VERSION = "1.0.0"            # the software version recorded in model and export metadata
 META_KEY = "__meta__"
 BACKBONE_PREFIX = "backbone/"
@@ -139,9 +141,26 @@ def check_train_statistics(value, name: str = "train_statistics") -> dict:
     return checked
 
 
-def feature_grid_for(crop_size) -> list:
-    """The embedding grid [h, w] of a crop [H, W]: ceil(H / 4), ceil(W / 4)."""
-    return [-(-int(v) // FEATURE_STRIDE) for v in crop_size]
+def feature_grid_for(image_size) -> list:
+    """The embedding grid [h, w] of an input [H, W]: ceil(H / 4), ceil(W / 4)."""
+    return [-(-int(v) // FEATURE_STRIDE) for v in image_size]
+
+
+def check_geometry(resize, crop_size) -> tuple:
+    """(resize, crop_size) as stored: resize N (shorter side) or [H, W] (exact), crop_size [H, W]
+    or None (no crop, which needs an exact resize); returns them with the input size [H, W]."""
+    if isinstance(resize, list):
+        resize = check_size(resize, "resize")
+    else:
+        resize = check_int(resize, "resize", 1, MAX_SIDE)
+    if crop_size is None:
+        if not isinstance(resize, list):
+            raise SchemaError("crop_size null (no crop) needs resize [H, W]")
+        return resize, None, resize
+    crop_size = check_size(crop_size, "crop_size")
+    if isinstance(resize, list) and (crop_size[0] > resize[0] or crop_size[1] > resize[1]):
+        raise SchemaError(f"crop_size {crop_size} is larger than resize {resize}")
+    return resize, crop_size, crop_size
 
 
 def display_range(low: float, pixel_threshold: float) -> tuple[float, float]:
@@ -165,10 +184,13 @@ def _now() -> str:
 class ModelMeta:
     """Everything about a fitted model besides its arrays; the JSON record inside the model file.
 
-    Sizes are [height, width] in pixels (``crop_size``, the model's input) or feature cells
-    (``feature_grid`` = ceil(crop / 4)); ``d`` of the ``total_channels`` (= sum of ``channels``)
-    embedding channels are kept; ``eps`` is added to the covariance diagonal, ``sigma`` is the
-    blur in pixels. ``train_statistics`` and ``thresholds`` are in Mahalanobis units.
+    Sizes are [height, width] in pixels or feature cells. ``resize`` is N (shorter side) or
+    [H, W] (exact), ``crop_size`` the centre crop [H, W] or None (datasets.geometry); the model's
+    input is ``image_size`` and ``feature_grid`` = ceil(image_size / 4). ``d`` of the
+    ``total_channels`` (= sum of ``channels``) embedding channels are kept; ``eps`` is added to
+    the covariance diagonal, ``sigma`` is the blur in pixels. ``calibration`` holds the verdict
+    thresholds (models.calibration.Calibration), ``train_statistics`` the score range of the
+    calibration images (the colour scale's low end), both in Mahalanobis units.
     ``model_id`` is drawn anew by every fit: a metadata update checks it names the model on disk.
     """
 
@@ -181,13 +203,13 @@ class ModelMeta:
     seed: int
     eps: float
     sigma: float
-    resize: int
-    crop_size: list
+    resize: int | list
+    crop_size: list | None
     feature_grid: list
     normalisation: dict
     n_train: int
     train_statistics: dict
-    thresholds: dict | None = None
+    calibration: Calibration
     model_id: str = field(default_factory=new_model_id)
     created: str = field(default_factory=_now)
     version: str = VERSION
@@ -195,6 +217,11 @@ class ModelMeta:
     @property
     def total_channels(self) -> int:
         return int(sum(self.channels))
+
+    @property
+    def image_size(self) -> list:
+        """[H, W] of the model's input: the crop, or the exact resize without one."""
+        return list(self.crop_size if self.crop_size is not None else self.resize)
 
     @property
     def positions(self) -> int:
@@ -217,7 +244,7 @@ class ModelMeta:
     @classmethod
     def _checked(cls, record) -> "ModelMeta":
         names = [f.name for f in fields(cls)]
-        optional = {"thresholds", "created", "version"}
+        optional = {"created", "version"}
         check_dict(record, "the metadata", [n for n in names if n not in optional] + ["total_channels"])
         unknown = sorted(set(record) - set(names) - {"total_channels", "format", "format_version"})
         if unknown:
@@ -231,11 +258,15 @@ class ModelMeta:
         total = check_int(record["total_channels"], "total_channels", 1)
         if total != sum(channels):
             raise SchemaError(f"total_channels {total} is not the sum of channels {channels}")
-        crop = check_size(record["crop_size"], "crop_size")
+        resize, crop, image_size = check_geometry(record["resize"], record["crop_size"])
         grid = check_size(record["feature_grid"], "feature_grid")
-        if grid != feature_grid_for(crop):
-            raise SchemaError(f"feature_grid {grid} does not fit crop_size {crop} (expected {feature_grid_for(crop)})")
-        thresholds = record.get("thresholds")
+        if grid != feature_grid_for(image_size):
+            raise SchemaError(f"feature_grid {grid} does not fit the input size {image_size} (expected "
+                              f"{feature_grid_for(image_size)})")
+        try:
+            calibration = Calibration.from_dict(record["calibration"])
+        except CalibrationError as exc:
+            raise SchemaError(f"calibration: {exc}") from None
         return cls(
             category=check_str(record["category"], "category"),
             backbone=backbone,
@@ -246,25 +277,22 @@ class ModelMeta:
             seed=check_int(record["seed"], "seed"),
             eps=check_number(record["eps"], "eps", low=0.0),
             sigma=check_number(record["sigma"], "sigma", positive=True),
-            resize=check_int(record["resize"], "resize", 1, MAX_SIDE),
+            resize=resize,
             crop_size=crop,
             feature_grid=grid,
             normalisation=check_normalisation(record["normalisation"]),
             n_train=check_int(record["n_train"], "n_train", 1),
             train_statistics=check_train_statistics(record["train_statistics"]),
-            thresholds=None if thresholds is None else check_thresholds(thresholds),
+            calibration=calibration,
             model_id=check_str(record["model_id"], "model_id"),
             created=check_str(record.get("created", "unknown"), "created"),
             version=check_str(record.get("version", VERSION), "version"),
         )
 
     def decision_thresholds(self) -> dict:
-        """Image and pixel thresholds: calibrated by val.py if it ran, else the training maximum."""
-        if self.thresholds:
-            return self.thresholds
-        stats = self.train_statistics
-        return {"image_threshold": stats["image_score_max"], "pixel_threshold": stats["pixel_max"],
-                "source": "uncalibrated: largest score on training images (run val.py to calibrate)"}
+        """The image and pixel thresholds verdicts use, and their source (``calibration.verdicts``)."""
+        image_threshold, pixel_threshold, source = self.calibration.verdict_thresholds()
+        return {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "source": source}
 
     def display_range(self, pixel_threshold: float | None = None) -> tuple[float, float]:
         threshold = self.decision_thresholds()["pixel_threshold"] if pixel_threshold is None else pixel_threshold
@@ -483,7 +511,7 @@ def save_model(path, meta: ModelMeta, arrays: dict, backbone_state: dict) -> Pat
 
 
 def update_meta(path, meta: ModelMeta) -> Path:
-    """Replace only the metadata (e.g. thresholds from val.py) of the model ``meta`` describes.
+    """Replace only the metadata (e.g. val.py's thresholds) of the model ``meta`` describes.
 
     Refused (ModelFileError) when the file at ``path`` holds another model (another
     ``model_id``: train.py saved a new one meanwhile), or is replaced while the copy runs. The

@@ -266,30 +266,17 @@ class GaussianFit:
 
     # ---- the Gaussian
 
-    def finalize(self, eps: float = DEFAULT_EPS, holdout=None):
+    def finalize(self, eps: float = DEFAULT_EPS):
         """(mean [P, d] float32, whitening [P, d, d] float32), the covariance being the N-1
         estimate + eps·I; ``whitening`` is L⁻ᵀ for the Cholesky factor L of each covariance, so
         ‖(x - mean) @ whitening‖ is the Mahalanobis distance.
 
-        ``holdout``: embeddings [P, Bh, d] of normal images that were not added with ``update``.
-        Then returns (mean, whitening, holdout_distances [Bh, P] float32): the distances are those
-        of the model fitted without the holdout, while mean and whitening are those of the model
-        of all images, holdout included. A slice of positions at a time: whiten without the
-        holdout, score the holdout, add its sums, whiten again; still one [P, d, d] array.
-
-        Consumes the fit (the Gram array becomes the whitening); ``n_`` then counts the images
-        of the returned model.
+        Consumes the fit (the Gram array becomes the whitening).
         """
         self._check_started()
         n, positions, d = self.n_, self.positions_, self.d_
         if n < 2:
             raise ValueError(f"need at least 2 training images to fit a covariance, got {n}")
-        if holdout is not None:
-            held_positions, _, held_d = self._check_shape(holdout, "holdout")
-            if (held_positions, held_d) != (positions, d):
-                raise ValueError(f"holdout must have shape [{positions}, Bh, {d}], got {list(holdout.shape)}")
-            holdout = _host_float32(holdout)
-            distances = np.empty((positions, holdout.shape[1]), dtype=np.float32)
         shift, sums = _as_numpy(self._shift, "float32"), _as_numpy(self._sums, "float64")
         mean = np.empty((positions, d), dtype=np.float32)
         gram, self._gram, self._finalized = self._gram, None, True
@@ -301,17 +288,8 @@ class GaussianFit:
         step = max(1, (3 << 19) // (d * d * 8))
 
         def work(start, stop):
-            gram_slice, slice_sums, total = whitening[start:stop].astype(np.float64), sums[start:stop], n
-            if holdout is not None:
-                held = holdout[start:stop].astype(np.float64)                          # [p, Bh, d]
-                # the model without the holdout scores it
-                mean_without, whitening_without = _gaussian(gram_slice, slice_sums, total, eps, start)
-                whitened = np.matmul(held - (shift[start:stop] + mean_without)[:, None, :], whitening_without)
-                distances[start:stop] = np.sqrt(np.einsum("pbd,pbd->pb", whitened, whitened))
-                centred = held - shift[start:stop, None, :]
-                gram_slice += np.matmul(centred.transpose(0, 2, 1), centred)
-                slice_sums, total = slice_sums + centred.sum(axis=1), n + held.shape[1]
-            slice_mean, slice_whitening = _gaussian(gram_slice, slice_sums, total, eps, start)
+            slice_mean, slice_whitening = _gaussian(whitening[start:stop].astype(np.float64), sums[start:stop], n,
+                                                    eps, start)
             mean[start:stop] = shift[start:stop] + slice_mean
             whitening[start:stop] = slice_whitening
 
@@ -320,10 +298,7 @@ class GaussianFit:
                 whitening[first:last] = gram[first:last].numpy()
             run_over_chunks(work, [(s, min(s + step, last)) for s in range(first, last, step)], self.threads)
         del gram
-        if holdout is None:
-            return mean, whitening
-        self.n_ = n + holdout.shape[1]
-        return mean, whitening, np.ascontiguousarray(distances.T)
+        return mean, whitening
 
     # ---- helpers
 
@@ -467,17 +442,28 @@ def mahalanobis(embeddings: paddle.Tensor, mean: paddle.Tensor, whitening: paddl
     return paddle.sqrt((whitened * whitened).sum(axis=2)).transpose([1, 0])
 
 
-def mahalanobis_in_chunks(embeddings: paddle.Tensor, mean: np.ndarray, whitening: np.ndarray,
-                          chunk: int = 256) -> paddle.Tensor:
-    """``mahalanobis`` with the host's mean and whitening moved to the device a slice of positions
-    at a time, so scoring during the fit needs no second full copy of the whitening matrices."""
-    positions = mean.shape[0]
-    parts = []
-    for start in range(0, positions, chunk):
-        stop = min(start + chunk, positions)
-        parts.append(mahalanobis(embeddings[start:stop], paddle.to_tensor(mean[start:stop]),
-                                 paddle.to_tensor(whitening[start:stop])))
-    return paddle.concat(parts, axis=1)
+def mahalanobis_on_host(embeddings, mean: np.ndarray, whitening: np.ndarray, threads: int | None = None,
+                        step: int | None = None) -> np.ndarray:
+    """``mahalanobis`` in NumPy on the host: embeddings [P, B, d] (or a list of such blocks,
+    taken as one batch in their order), mean [P, d], whitening [P, d, d] float32 -> distances
+    [B, P] float32. ``step`` positions at a time (default: slices of about 2 MB) spread over
+    ``threads`` threads, every block scored while a slice's whitening is in cache. The
+    calibration scores host arrays with the host's Gaussian this way: no copy of either goes to
+    a device, and batched BLAS over small slices beats one large batched matmul."""
+    blocks = [embeddings] if isinstance(embeddings, np.ndarray) else list(embeddings)
+    positions, d = mean.shape
+    offsets = np.cumsum([0] + [block.shape[1] for block in blocks])
+    step = step or max(1, (1 << 19) // (int(offsets[-1]) * d))
+    distances = np.empty((positions, int(offsets[-1])), dtype=np.float32)
+
+    def work(start, stop):
+        for block, first, last in zip(blocks, offsets[:-1], offsets[1:]):
+            whitened = np.matmul(block[start:stop] - mean[start:stop, None, :], whitening[start:stop])
+            distances[start:stop, first:last] = np.sqrt(np.einsum("pbd,pbd->pb", whitened, whitened))
+
+    run_over_chunks(work, [(s, min(s + step, positions)) for s in range(0, positions, step)],
+                    threads or available_cpus())
+    return np.ascontiguousarray(distances.T)
 
 
 # --------------------------------------------------------------------------- anomaly map

@@ -14,15 +14,15 @@ from tqdm import tqdm
 
 from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
 from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
+from models.calibration import (DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate, calibration_images, images_needed,
+                                leave_one_out_distances)
 from models.export import DEFAULT_OPSET, ExportResult, check_export_request, check_onnx_size, export_model
 from models.model_file import ModelFile, ModelFileError, ModelMeta, load_model, read_meta
 from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, AnomalyMap, Embedding, GaussianFit, PaDiM,
-                          channel_indices, grouped_by_stage, mahalanobis_in_chunks)
+                          channel_indices, grouped_by_stage, mahalanobis_on_host)
 from models.static import static_runner_or_none
 
 LOGGER = logging.getLogger("padim")
-# Training images whose embeddings are kept to measure the score range of normal images.
-STATISTICS_IMAGES = 16
 
 
 def use_device(device: str = "auto") -> str:
@@ -56,25 +56,95 @@ class FitReport:
     extraction_seconds: float
     gaussian_seconds: float
     batches: int = 0
+    calibration_seconds: float = 0.0
+
+
+class CalibrationSample:
+    """The embeddings of the training images that calibrate the model (those of ``n_images``
+    that models.calibration.calibration_images picks), kept as the fit's batches pass:
+    ``blocks``, [P, b, d] float32 arrays, each a batch's own host array when all its images are
+    kept (no copy), else a copy of the kept ones."""
+
+    def __init__(self, n_images: int, positions: int, d: int, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE):
+        self._chosen = np.zeros(int(n_images), dtype=bool)
+        self._chosen[calibration_images(n_images, positions * d * 4, false_alarm_rate)] = True
+        self.blocks: list[np.ndarray] = []
+
+    def add(self, embeddings, image_indices) -> None:
+        """Keep the chosen images of a batch: ``embeddings`` [P, B, d] (NumPy or Paddle) of the
+        dataset's images ``image_indices`` [B]."""
+        keep = np.flatnonzero(self._chosen[np.asarray(image_indices, dtype=np.int64)])
+        if keep.size:
+            host = embeddings if isinstance(embeddings, np.ndarray) else embeddings.numpy()
+            self.blocks.append(host if keep.size == host.shape[1] else host[:, keep])
+
+
+def calibrate_from_embeddings(blocks, mean: np.ndarray, whitening: np.ndarray, n_train: int, feature_grid,
+                              image_size, sigma: float = DEFAULT_SIGMA,
+                              false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+                              batch_size: int = 32) -> tuple[Calibration, dict]:
+    """The verdict thresholds of a fitted model from ``blocks``, embeddings [P, b, d] of some of
+    its ``n_train`` training images (CalibrationSample.blocks): their distances under the model
+    (on the host), turned into those of the model fitted without each image
+    (models.calibration.leave_one_out_distances), smoothed into anomaly maps [Bc, H, W] and
+    calibrated for ``false_alarm_rate``. Returns the Calibration and the maps' score range (the
+    model's ``train_statistics``: the colour scale's low end)."""
+    distances = mahalanobis_on_host(blocks, mean, whitening)                            # [Bc, P]
+    with paddle.no_grad():
+        smooth = AnomalyMap(feature_grid, image_size, sigma)
+        maps = np.concatenate([
+            smooth(paddle.to_tensor(leave_one_out_distances(distances[start:start + batch_size], n_train)
+                                    .astype(np.float32))).numpy()
+            for start in range(0, len(distances), batch_size)])
+    count = len(maps)
+    source = (f"calibrated on {count} training image(s), each scored by the model of the other {n_train - 1} "
+              f"(leave-one-out), for a false-alarm rate of {float(false_alarm_rate):g}")
+    return calibrate(maps, false_alarm_rate, source), score_statistics(maps)
+
+
+def score_statistics(maps: np.ndarray) -> dict:
+    """Score range of anomaly maps [N, H, W] of normal images."""
+    image_scores = maps.reshape(len(maps), -1).max(axis=1)
+    median, p99 = np.percentile(maps, [50, 99])
+    return {
+        "n_images": int(len(maps)),
+        "pixel_median": float(median),
+        "pixel_p99": float(p99),
+        "pixel_max": float(maps.max()),
+        "image_score_mean": float(image_scores.mean()),
+        "image_score_max": float(image_scores.max()),
+    }
+
+
+def calibration_note(calibration: Calibration) -> str | None:
+    """A log line when the calibration images are too few for the rate asked for, else None."""
+    if calibration.guaranteed_rate <= calibration.false_alarm_rate:
+        return None
+    return (f"note: a false-alarm rate of {calibration.false_alarm_rate:g} needs at least "
+            f"{images_needed(calibration.false_alarm_rate)} calibration images; with {calibration.n_calibration} "
+            f"the image threshold is their largest score, which guarantees {calibration.guaranteed_rate:.4g} "
+            f"(1/{calibration.n_calibration + 1})")
 
 
 def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagenet", d: int | None = None,
               seed: int = DEFAULT_SEED, eps: float = DEFAULT_EPS, sigma: float = DEFAULT_SIGMA,
               batch_size: int = 32, num_workers: int = 2, print_freq: int = 2,
-              progress: bool = True, static_graph: bool = True) -> tuple[ModelFile, FitReport]:
-    """Fit one category's Gaussians; returns the model file contents (not yet written) and timings.
+              progress: bool = True, static_graph: bool = True,
+              false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> tuple[ModelFile, FitReport]:
+    """Fit one category's Gaussians and calibrate the verdict thresholds for ``false_alarm_rate``
+    (calibrate_from_embeddings); returns the model file contents (not yet written) and timings.
     ``static_graph``: on the CPU, extract the features through Paddle Inference (oneDNN)."""
     seed_everything(seed)
     backbone = build_backbone(backbone_name, weights)
     total_channels = int(sum(backbone.channels))
     d = DEFAULT_D[backbone_name] if d is None else int(d)
     idx = grouped_by_stage(channel_indices(total_channels, d, seed))
-    image_size = dataset.transform.crop_size
+    image_size = dataset.transform.image_size
     grid = feature_grid_of(backbone, image_size)
     embedding = Embedding(backbone.channels, idx)
     extract = embedding_extractor(backbone, embedding, image_size, static_graph)
     gaussian = GaussianFit()
-    kept = []
+    kept = CalibrationSample(len(dataset), grid[0] * grid[1], d, false_alarm_rate)
     started = time.perf_counter()
     extraction = gaussian_time = 0.0
     batches = iterate_batches(dataset, batch_size, num_workers)
@@ -87,8 +157,7 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         embeddings = extract(batch.images)
         tock = time.perf_counter()
         gaussian.update(embeddings)
-        if sum(k.shape[1] for k in kept) < STATISTICS_IMAGES:
-            kept.append(np.array(embeddings[:, :STATISTICS_IMAGES - sum(k.shape[1] for k in kept)]))
+        kept.add(embeddings, np.arange(step * batch_size, step * batch_size + len(batch.samples)))
         done = time.perf_counter()
         extraction += tock - tick
         gaussian_time += done - tock
@@ -99,9 +168,12 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         data_started = time.perf_counter()
     tick = time.perf_counter()
     mean, whitening = gaussian.finalize(eps)
-    gaussian_time += time.perf_counter() - tick
-    statistics = training_statistics(np.concatenate(kept, axis=1), mean, whitening, grid,
-                                     image_size, sigma)
+    tock = time.perf_counter()
+    gaussian_time += tock - tick
+    calibration, statistics = calibrate_from_embeddings(kept.blocks, mean, whitening, gaussian.n_, grid,
+                                                        image_size, sigma, false_alarm_rate)
+    del kept
+    calibration_time = time.perf_counter() - tock
     meta = ModelMeta(
         category=dataset.category,
         backbone=backbone_name,
@@ -112,15 +184,15 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         seed=int(seed),
         eps=float(eps),
         sigma=float(sigma),
-        resize=int(dataset.transform.resize),
-        crop_size=[int(v) for v in image_size],
+        **dataset.transform.geometry.to_meta(),
         feature_grid=[int(v) for v in grid],
         normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         n_train=int(gaussian.n_),
         train_statistics=statistics,
+        calibration=calibration,
     )
     arrays = {"idx": idx, "mean": mean, "whitening": whitening}
-    report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total)
+    report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total, calibration_time)
     return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
 
 
@@ -144,23 +216,6 @@ def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph
     return eager
 
 
-def training_statistics(embeddings: np.ndarray, mean: np.ndarray, whitening: np.ndarray, grid, image_size,
-                        sigma: float) -> dict:
-    """Score range of (some) training images, embeddings [P, B, d]: the fallback threshold and the colour scale."""
-    with paddle.no_grad():
-        distances = mahalanobis_in_chunks(paddle.to_tensor(embeddings), mean, whitening)
-        maps = AnomalyMap(grid, image_size, sigma)(distances).numpy()
-    image_scores = maps.reshape(len(maps), -1).max(axis=1)
-    return {
-        "n_images": int(len(maps)),
-        "pixel_median": float(np.median(maps)),
-        "pixel_p99": float(np.percentile(maps, 99)),
-        "pixel_max": float(maps.max()),
-        "image_score_mean": float(image_scores.mean()),
-        "image_score_max": float(image_scores.max()),
-    }
-
-
 def build_model(model_file: ModelFile, release_arrays: bool = True) -> PaDiM:
     """The PaDiM layer of a loaded model file. With ``release_arrays`` the host copies of the
     Gaussian are dropped once they are on the device (WR50's whitening is 3.8 GB)."""
@@ -171,7 +226,7 @@ def build_model(model_file: ModelFile, release_arrays: bool = True) -> PaDiM:
         raise ModelFileError(f"{model_file.path}: {meta.backbone}'s stages have {backbone.channels} channels, the "
                              f"file says {meta.channels}")
     arrays = model_file.arrays
-    model = PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta.crop_size),
+    model = PaDiM(backbone, arrays["idx"], arrays["mean"], arrays["whitening"], tuple(meta.image_size),
                   tuple(meta.feature_grid), meta.sigma)
     if release_arrays:
         arrays.pop("whitening")

@@ -1,5 +1,5 @@
 """models.calibration: the conformal threshold's finite-sample guarantee, the region rule, the
-stored record, the val.py counts and the holdout plan."""
+stored record, the val.py counts and the choice of calibration images."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from models.calibration import (Calibration, CalibrationError, anomaly_region, calibrate, conformal_rank,
-                                conformal_threshold, consistent_pixel_threshold, defect_recall, false_alarm_rate, calibration_images, images_needed,
-                                leave_one_out_distances,
-                                smallest_achievable_rate, verdict_metrics)
+from models.calibration import (Calibration, CalibrationError, anomaly_region, calibrate, calibration_images,
+                                conformal_rank, conformal_threshold, consistent_pixel_threshold, defect_recall,
+                                false_alarm_rate, images_needed, leave_one_out_distances, smallest_achievable_rate,
+                                verdict_metrics)
 
 
 @pytest.mark.parametrize("rate, expected", [

@@ -23,6 +23,15 @@ def test_train_writes_model_log_and_validates(trained):
     assert metrics["image_auroc"] > 0.95 and metrics["pixel_auroc"] > 0.9 and metrics["pro_auc"] > 0.8
     rows = (folder / "scores.csv").read_text().splitlines()
     assert rows[0] == "path,label,image_score" and len(rows) == 31
+    # besides the original's F1-max numbers, the verdicts at the calibrated threshold, counted by hand here
+    scores = [(label, float(score)) for _, label, score in (line.split(",") for line in rows[1:])]
+    calibrated = metrics["calibrated"]
+    threshold = calibrated["threshold"]
+    assert calibrated["false_alarms"] == sum(label == "0" and s > threshold for label, s in scores)
+    assert calibrated["defects_found"] == sum(label == "1" and s > threshold for label, s in scores)
+    assert (calibrated["normal_images"], calibrated["defective_images"]) == (10, 20)
+    assert metrics["f1_max"]["threshold"] == metrics["image_threshold"] and metrics["verdicts"] == "calibrated"
+    assert "calibrated image threshold" in result.stdout and "F1-max image threshold" in result.stdout
     assert not list(folder.glob(".*tmp"))
 
 
@@ -33,7 +42,16 @@ def test_model_file_keeps_idx_and_thresholds(trained):
     random.seed(7)
     assert model.arrays["idx"].tolist() == sorted(random.sample(range(24 + 32 + 96), 100))   # grouped by stage
     metrics = json.loads((out / "demo" / "metrics.json").read_text())
-    assert model.meta.thresholds["image_threshold"] == pytest.approx(metrics["image_threshold"])
+    calibration = model.meta.calibration
+    # val stored its F1-max pair beside the calibrated one, and the verdicts still use the calibrated one
+    assert calibration.f1_image_threshold == pytest.approx(metrics["image_threshold"])
+    assert calibration.f1_pixel_threshold == pytest.approx(metrics["pixel_threshold"])
+    assert calibration.verdicts == "calibrated"
+    assert model.meta.decision_thresholds()["image_threshold"] == calibration.image_threshold
+    assert metrics["calibrated"]["threshold"] == pytest.approx(calibration.image_threshold)
+    # 60 training images: every one calibrates, and 1% is out of reach (1/61 at best)
+    assert calibration.n_calibration == 60 and calibration.guaranteed_rate == pytest.approx(1 / 61)
+    assert calibration.pixel_threshold <= calibration.image_threshold
     assert model.meta.backbone == "mobilenet_v2" and model.meta.n_train == 60
 
 
@@ -63,6 +81,7 @@ def test_predict_gives_verdicts_against_the_stored_threshold(trained, demo_root,
         result = run("predict.py", "--model_path", model, "--picture_path", image, "--save_path", target)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "score" in result.stdout and target.is_file()
+        assert (tmp_path / "predictions.csv").read_text().count("\n") == 2       # header + this image
         if verdict:
             assert f"-> {verdict}" in result.stdout
     folder = run("predict.py", "--model_path", model, "--picture_path", demo_root / "demo" / "test" / "stain",
@@ -101,7 +120,10 @@ def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
         (("train.py", "--data_path", corrupt, "--category", "tiny", "--backbone", "mobilenet_v2", "--val", "False",
           "--save_path", tmp_path / "corrupt_out", "--resize", "64", "--crop_size", "64"), "cannot read image"),
         (("train.py", "--val", "maybe"), "expected a boolean"),
-        (("train.py", "--crop_size", "0"), "size must be positive"),
+        (("train.py", "--crop_size", "0"), "--crop_size must lie between 1 and 16384"),
+        (("train.py", "--resize", "256", "--crop_size", "none", "--data_path", corrupt, "--category", "tiny"),
+         "--crop_size none needs an exact --resize HxW"),
+        (("train.py", "--false_alarm_rate", "1"), "expected a rate strictly between 0 and 1"),
         (("val.py", "--model_path", model, "--backbone", "resnet18"), "was fitted with backbone mobilenet_v2"),
         (("val.py", "--model_path", damaged), "not a PaDiM-Paddle model file"),
         (("predict.py", "--model_path", tmp_path / "nothing.pdparams"), "model file not found"),

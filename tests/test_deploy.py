@@ -1,7 +1,7 @@
 """export_model.py + infer.py: the static graph (Paddle Inference, oneDNN on/off) and its ONNX
 reproduce the dynamic model; batch size does not matter; the CLIs print, draw and fail as specified.
 
-One demo model is fitted (train.py, with val for calibrated thresholds) and exported (with ONNX
+One demo model is fitted (train.py, its verdicts calibrated by the fit) and exported (with ONNX
 when paddle2onnx and onnxruntime are importable) per module.
 """
 import hashlib
@@ -115,10 +115,14 @@ def test_export_writes_graph_and_complete_metadata(exported, model_path):
     assert meta["resize"] == 256 and meta["crop_size"] == [224, 224]
     assert meta["normalisation"] == model_meta.normalisation
     assert meta["model_id"] == model_meta.model_id
-    stored = model_meta.thresholds
+    stored = model_meta.decision_thresholds()
+    calibration = model_meta.calibration
+    assert (stored["image_threshold"], stored["pixel_threshold"]) == (calibration.image_threshold,
+                                                                      calibration.pixel_threshold)
     assert meta["thresholds"]["image_threshold"] == pytest.approx(stored["image_threshold"])
     assert meta["thresholds"]["pixel_threshold"] == pytest.approx(stored["pixel_threshold"])
-    assert meta["thresholds"]["source"].startswith("F1-max")
+    assert meta["thresholds"]["source"].startswith("calibrated on 60 training image(s)")
+    assert meta["calibration"] == calibration.to_dict()
     # the colour scale's rule, from the stored numbers: vmin = median training pixel score, the
     # pixel threshold mid-scale
     vmin = model_meta.train_statistics["pixel_median"]
@@ -221,7 +225,7 @@ def test_infer_cli_onnxruntime_backend(exported, five_images, test_images, refer
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stdout
     check_printed_scores(result.stdout, folder, picked, test_images, reference)
-    assert not (tmp_path / "demo").exists()
+    assert [p.name for p in (tmp_path / "demo" / "infer").iterdir()] == ["predictions.csv"]     # no picture
 
 
 def test_infer_bad_inputs_exit_2(exported, five_images, tmp_path, capsys):
@@ -250,7 +254,7 @@ def test_export_rejects_img_size_mismatch_and_missing_model(model_path, tmp_path
     result = run("export_model.py", "--model_path", model_path, "--img_size", 256, "--save_dir", tmp_path / "x")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--img_size 256x256 does not match the model's crop size 224x224" in lines[0]
+    assert len(lines) == 1 and "--img_size 256x256 does not match the model's input size 224x224" in lines[0]
     assert not (tmp_path / "x").exists()
     import export_model
     assert run_in_process(export_model.main, ["--model_path", str(tmp_path / "none.pdparams"),

@@ -102,10 +102,28 @@ def test_masks_resize_with_nearest():
 
 def test_meta_round_trip_and_untrusted_values():
     for geometry in (Geometry(), Geometry("224x448", "none"), Geometry((300, 200), (224, 100))):
-        assert Geometry.from_meta(geometry.to_meta()) == geometry
+        meta = geometry.to_meta()
+        assert Geometry(meta["resize"], meta["crop_size"]) == geometry
     assert Geometry().to_meta() == {"resize": 256, "crop_size": [224, 224]}
     assert Geometry("224x448", "none").image_size == (224, 448)
-    for bad in ({"resize": 10 ** 9, "crop_size": [1, 1]}, {"resize": "256"[:0], "crop_size": None},
-                {"resize": [1, 2, 3], "crop_size": None}, {"resize": 256}, [], {"resize": 256, "crop_size": "x"}):
+    for resize, crop in ((10 ** 9, [1, 1]), ("", None), ([1, 2, 3], None), (256, "x")):
         with pytest.raises(GeometryError):
-            Geometry.from_meta(bad)
+            Geometry(resize, crop)
+
+
+def test_the_transform_notes_a_large_crop_once_per_image_shape(monkeypatch):
+    """Decoding threads meet many images of one shape: one log line per shape, whichever thread."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datasets.mvtec import ImageTransform
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    monkeypatch.setattr(logging.getLogger("padim"), "handlers", [handler])
+    transform = ImageTransform(250, 224)          # a geometry of its own: notices are kept per process
+    shapes = [(280, 100)] * 16 + [(100, 280)] * 16 + [(300, 300)] * 4
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda size: transform.to_display(Image.new("RGB", size)), shapes))
+    assert len(lines) == 2 and all("--crop_size none" in line for line in lines)
+    assert {"of 100x280 images" in line for line in lines} == {True, False}

@@ -310,7 +310,7 @@ def test_decompression_bombs_and_broken_images_are_data_errors(tmp_path, warning
             with pytest.raises(DataError, match=f"mask {path} is too large"):
                 ImageTransform(64, 64).mask(path)
             with pytest.raises(DataError, match="too large"):
-                ImageList(path)
+                ImageList(path).load(0)
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(_png(tmp_path / "whole.png", np.zeros((64, 64, 3), np.uint8)).read_bytes()[:60])
     with pytest.raises(DataError, match=f"cannot read image {truncated}"):
@@ -419,7 +419,7 @@ def test_category_paths_are_refused_by_every_script(tmp_path):
 def test_impossible_datasets_and_flags_stop_before_fitting(tmp_path):
     """Each one line, exit 2, nothing written under --save_path."""
     cases = {
-        "one-image": (make_category(tmp_path / "one", n_train=1), (), "has 1 image, at least 2 are needed"),
+        "one-image": (make_category(tmp_path / "one", n_train=1), (), "has 1 image(s), at least 3 are needed"),
         "no-defects": (make_category(tmp_path / "nodefect", n_defective=0), (),
                        "has no defective images"),
         "no-good": (make_category(tmp_path / "nogood", n_good_test=0), (), "has no good images"),

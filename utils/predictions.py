@@ -1,18 +1,27 @@
-"""What predict.py and infer.py leave beside their pictures: ``predictions.csv``, one row per input
-image (failed ones included), and the picture names, one per input and never two alike."""
+"""What predict.py and infer.py leave: a verdict line per image in the log, ``predictions.csv``
+(one row per input image, failed ones included), and the pictures, one per input, their names
+never two alike (:class:`PredictionRun` does it all, whatever runs the model)."""
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import astuple, dataclass, fields
+import logging
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from datasets.mvtec import DataError
-from utils.files import write_text_atomically
+import numpy as np
+
+from datasets import DataError
+from models.calibration import anomaly_region, consistent_pixel_threshold
+from models.deploy import finite_results, non_finite_error
+from utils.files import OutputError, write_text_atomically
+from utils.pictures import PictureError, PictureWriter
 
 PREDICTIONS_FILE = "predictions.csv"
 PICTURE_SUFFIX = ".png"
+# A --save_path with one of these suffixes names the picture of a single input image.
+SINGLE_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -124,3 +133,134 @@ def picture_paths(image_paths: Sequence, root, out_dir) -> list[Path]:
                              "save the pictures outside the input folder")
         pictures.append(picture)
     return pictures
+
+
+def verdict_thresholds(stored: dict, threshold: float | None = None,
+                       pixel_threshold: float | None = None) -> tuple[float, float, str]:
+    """(image threshold, pixel threshold, where they come from): the ``stored`` pair (a model's
+    ``decision_thresholds()`` or an export's ``thresholds``) unless --threshold or
+    --pixel_threshold replace them. A stored pixel threshold never lies above the image
+    threshold (models.calibration.consistent_pixel_threshold)."""
+    image = float(stored["image_threshold"]) if threshold is None else float(threshold)
+    pixel = consistent_pixel_threshold(image, stored["pixel_threshold"]) if pixel_threshold is None \
+        else float(pixel_threshold)
+    given = [flag for flag, value in (("--threshold", threshold), ("--pixel_threshold", pixel_threshold))
+             if value is not None]
+    source = stored["source"] if not given else f"{' and '.join(given)} ({stored['source']} otherwise)"
+    return image, pixel, source
+
+
+class PredictionRun:
+    """The output of predict.py and infer.py, batch by batch, for the images of an ImageList.
+
+    Each scored image gets a verdict (anomalous when its score lies above ``image_threshold``),
+    a region (models.calibration.anomaly_region: never empty for an anomalous verdict, always
+    empty for a normal one), a log line, a row and, with ``save_picture``, the 4-panel picture,
+    whose mask panel is that same region, drawn by a PictureWriter's worker processes while the
+    model goes on. An image that could not be read (``batch.failed``) or got a NaN or infinite
+    map or score gets an error row and a log line, and the others go on. :meth:`finish` waits for
+    the pictures, writes ``predictions.csv``, then raises when any image
+    failed: a NonFiniteOutputError when the model gave NaN or infinite values, else a DataError
+    (both exit 2).
+
+    The output folder is ``<save_path>/<category>/<folder>``; pictures go there mirroring each
+    image's path below ``images.root`` (:func:`picture_paths`), and predictions.csv beside them.
+    A single image with a ``save_path`` ending in .png/.jpg has that picture name, and the csv
+    goes beside it.
+    """
+
+    def __init__(self, images, save_path, category: str, folder: str, image_threshold: float,
+                 pixel_threshold: float, display: tuple, label: str, logger: logging.Logger,
+                 save_picture: bool = True):
+        paths = [sample.path for sample in images.samples]
+        save_path = Path(save_path)
+        out_dir = save_path / category / folder
+        picture = save_path if len(paths) == 1 and save_path.suffix.lower() in SINGLE_PICTURE_SUFFIXES else None
+        self.label, self.logger = label, logger
+        self.image_threshold, self.pixel_threshold = float(image_threshold), float(pixel_threshold)
+        self.vmin, self.vmax = (float(v) for v in display)
+        if picture is not None and picture.resolve() == Path(paths[0]).resolve():
+            raise DataError(f"the picture of {paths[0]} would replace it: give another --save_path")
+        self.pictures = {}
+        if save_picture:
+            targets = [picture] if picture is not None else picture_paths(paths, images.root, out_dir)
+            self.pictures = dict(zip(paths, targets))
+        self.csv_folder = picture.parent if picture is not None else out_dir
+        self._order = {path: i for i, path in enumerate(paths)}
+        self._rows: dict[str, Prediction] = {}
+        self._unreadable: list[str] = []
+        self._non_finite = 0
+        self._writer = PictureWriter(workers=0 if len(paths) == 1 else None) if save_picture else None
+
+    def add(self, batch, maps: np.ndarray, scores: np.ndarray) -> None:
+        """One batch of ``iterate_batches(..., skip_errors=True)`` and the model's maps [B, H, W]
+        and scores [B] for its loaded images."""
+        for sample, message in batch.failed:
+            self._unreadable.append(message)
+            self._fail(sample.path, message, logging.WARNING)
+        if not batch.samples:
+            return
+        for i, (sample, finite) in enumerate(zip(batch.samples, finite_results(maps, scores))):
+            if not finite:
+                self._non_finite += 1
+                self._fail(sample.path, f"NaN or infinite score or map ({scores[i]}): no verdict", logging.ERROR)
+                continue
+            self._scored(sample.path, maps[i], float(scores[i]), None if batch.displays is None else batch.displays[i])
+
+    def _scored(self, path: str, anomaly_map: np.ndarray, score: float, display) -> None:
+        anomalous = score > self.image_threshold
+        region = anomaly_region(anomaly_map, self.pixel_threshold, anomalous)
+        picture = self.pictures.get(path)
+        row = scored(path, score, self.image_threshold, int(region.sum()), picture)
+        line = (f"{self.label} : {path}  score {score:.4f}  threshold {self.image_threshold:.4f}  -> {row.verdict}"
+                f"  region {row.region_pixels} px")
+        if picture is not None:
+            title = f"{Path(path).name}: score {score:.2f} ({row.verdict}, threshold {self.image_threshold:.2f})"
+            self._writer.submit(picture, display, anomaly_map, self.pixel_threshold, self.vmin, self.vmax,
+                                title=title, region=region)
+            line += f"  picture {picture}"
+        self.logger.info(line)
+        self._rows[path] = row
+
+    def _fail(self, path: str, message: str, level: int) -> None:
+        self.logger.log(level, f"{self.label} : {path}  error: {message}")
+        self._rows[path] = failed(path, self.image_threshold, message)
+
+    def finish(self) -> Path:
+        """Wait for the pictures, write predictions.csv (rows in input order), log the summary;
+        then raise if any image or picture failed. Returns the csv's path."""
+        picture_error = None
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except PictureError as exc:
+                picture_error = exc
+            drawn = {str(path) for path in self._writer.written}
+            rows = {path: row if not row.picture or row.picture in drawn else replace(row, picture="")
+                    for path, row in self._rows.items()}
+        else:
+            rows = self._rows
+        ordered = sorted(rows.values(), key=lambda row: self._order[row.path])
+        written = write_predictions(self.csv_folder, ordered)
+        self.logger.info(f"{self.label} done: {summary(ordered)}; {written}")
+        if self._non_finite:
+            raise non_finite_error(self._non_finite, len(self._order))
+        if self._unreadable:
+            raise DataError(f"{len(self._unreadable)} of {len(self._order)} image(s) could not be read (first: "
+                            f"{self._unreadable[0]}); their rows in {written} say why")
+        if picture_error is not None:
+            raise OutputError(f"{picture_error}; the other pictures and {written} were written")
+        return written
+
+    def abort(self) -> None:
+        """Stop the pictures not yet started (the run stops with an error): no csv is written."""
+        if self._writer is not None:
+            self._writer.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None:
+            self.abort()
+        return False

@@ -15,20 +15,6 @@ import numpy as np
 from utils.files import temp_path_beside
 from utils.pictures import draw_panels
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-def picture_file(save_path, category: str, image_path, root: Path, single: bool, folder: str) -> Path:
-    """Where predict.py (folder 'predict') and infer.py (folder 'infer') put an image's picture:
-    ``<save_path>/<category>/<folder>/<path relative to the input, '/' -> '_'>.png``; a .png/.jpg
-    ``save_path`` with a single input image is the picture's own name."""
-    save_path = Path(save_path)
-    if single and save_path.suffix.lower() in PICTURE_SUFFIXES:
-        return save_path
-    relative = Path(image_path).relative_to(root) if root.is_dir() else Path(Path(image_path).name)
-    name = "_".join(relative.with_suffix("").parts) + ".png"
-    return save_path / category / folder / name
-
 
 def plot_panels(path, image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float,
                 vmin: float, vmax: float, ground_truth: np.ndarray | None = None,
@@ -61,21 +47,3 @@ def plot_roc(path, curves: dict, title: str) -> Path:
     finally:
         plt.close(figure)
     return Path(path)
-
-
-def report_prediction(logger, label: str, sample_path: str, anomaly_map: np.ndarray, score: float,
-                      image_threshold: float, pixel_threshold: float, display: tuple, picture=None,
-                      display_image=None, writer=None) -> bool:
-    """The per-image output of predict.py and infer.py: one line with score, threshold and verdict,
-    and the 4-panel picture when ``picture`` (a path) is given, drawn here or handed to ``writer``
-    (a utils.pictures.PictureWriter) when one is given. Returns True when anomalous."""
-    anomalous = bool(score > image_threshold)
-    verdict = "anomalous" if anomalous else "normal"
-    line = f"{label} : {sample_path}  score {score:.4f}  threshold {image_threshold:.4f}  -> {verdict}"
-    if picture is not None:
-        title = f"{Path(sample_path).name}: score {score:.2f} ({verdict}, threshold {image_threshold:.2f})"
-        draw = writer.submit if writer is not None else plot_panels
-        draw(picture, display_image, anomaly_map, pixel_threshold, *display, title=title)
-        line += f"  picture {picture}"
-    logger.info(line)
-    return anomalous
