@@ -6,6 +6,7 @@ evaluates exactly as val.py does.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import utils  # noqa: F401  (filters paddle's ccache warning before paddle is imported)
@@ -45,12 +46,10 @@ def build_parser():
 
 def main():
     args = build_parser().parse_args()
-    from datasets.mvtec import MVTecDataset
+    from models import distributed
+    ctx = distributed.init()
     from models.backbones import set_num_threads
-    from models.model_file import save_model
-    from models.pipeline import calibration_note, fit_padim, use_device
-    from utils.files import exclusive_folder, remove_previous_results
-    from utils.logger import close_file_handlers, get_logger
+    from models.pipeline import use_device
 
     if args.verdicts == "f1_max" and not args.val:
         raise UsageError("--verdicts f1_max needs --val=True: the F1-max thresholds come from the test split")
@@ -59,50 +58,81 @@ def main():
     use_device(args.device)
     name, weights = backbone_name(args), weights_choice(args)
     categories = categories_to_run(root, args.category)
-    results = {}
-    for category in categories:
-        out_dir = Path(args.save_path) / category
-        train_set = MVTecDataset(root, category, "train", args.resize, args.crop_size)
-        if args.val:
-            MVTecDataset(root, category, "test", args.resize, args.crop_size)  # fail before fitting
-        with exclusive_folder(out_dir):   # one writer per model folder, from the fit to the last result file
-            logger = get_logger(out_dir / "train.log")
-            print(f"Training model for {category}")
-            logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
-            model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
-                                           batch_size=args.batch_size, num_workers=args.num_workers,
-                                           print_freq=args.print_freq, static_graph=args.static_graph,
-                                           false_alarm_rate=args.false_alarm_rate)
-            logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
-                        f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
-            calibration = model_file.meta.calibration
-            logger.info(f"Calibration {report.calibration_seconds:.2f}s (within the total): image threshold "
-                        f"{calibration.image_threshold:.4f}, pixel threshold {calibration.pixel_threshold:.4f}, "
-                        f"{calibration.source}")
-            note = calibration_note(calibration)
-            if note:
-                logger.info(note)
-            logger.info("Saving model...")
-            model_path = out_dir / "best.pdparams"
-            removed = remove_previous_results(out_dir, category)
-            if removed:
-                logger.info(f"Removed {len(removed)} result files of the previous model from {out_dir}")
-            save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
-            logger.info(f"Save model in {model_path}")
-            model_id = model_file.meta.model_id
-            del model_file
-            if args.val:
-                from models.evaluate import evaluate_category
-                results[category] = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
-                                                      args.num_workers, args.save_picture, logger=logger,
-                                                      static_graph=args.static_graph, model_id=model_id,
-                                                      verdicts=args.verdicts)
-            close_file_handlers()
-    if args.val and len(categories) > 1:
+    if ctx.is_distributed and len(categories) > 1:
+        # under the launcher each rank takes whole categories
+        results = distributed.round_robin(
+            categories, lambda category: train_category(args, root, category, name, weights, distributed.SINGLE),
+            "fitting whole categories")
+    else:
+        results = {category: train_category(args, root, category, name, weights, ctx) for category in categories}
+    if args.val and len(categories) > 1 and ctx.rank == 0:
         from utils.evaluation import markdown_table, summary_rows, write_summary
         rows = summary_rows(results)
         write_summary(args.save_path, rows)
         print(markdown_table(rows))
+
+
+def train_category(args, root, category, name, weights, ranks) -> dict | None:
+    """Fit, write and (--val) evaluate one category. Under the launcher (``ranks`` distributed)
+    every rank takes its shard of the images and rank 0 alone holds the folder and writes;
+    returns the metrics on rank 0 (None without --val, and on the other ranks)."""
+    from datasets.mvtec import MVTecDataset
+    from models import distributed
+    from models.pipeline import fit_padim
+    from utils.files import exclusive_folder
+    from utils.logger import close_file_handlers, get_logger
+
+    out_dir = Path(args.save_path) / category
+    train_set = MVTecDataset(root, category, "train", args.resize, args.crop_size)
+    if args.val:
+        MVTecDataset(root, category, "test", args.resize, args.crop_size)  # fail before fitting
+    # one writer per model folder, from the fit to the last result file
+    with distributed.held_on_rank0(lambda: exclusive_folder(out_dir), "locking the output folder", ranks):
+        logger = get_logger(out_dir / "train.log" if ranks.rank == 0 else None)
+        print(f"Training model for {category}")
+        logger.info(f"backbone {name}, weights {weights}, {len(train_set)} training images under {root / category}")
+        model_file, report = fit_padim(train_set, name, weights, args.d_reduced, args.seed,
+                                       batch_size=args.batch_size, num_workers=args.num_workers,
+                                       print_freq=args.print_freq, static_graph=args.static_graph,
+                                       false_alarm_rate=args.false_alarm_rate, ranks=ranks)
+        logger.info(f"Train ends, total {report.seconds:.2f}s (features {report.extraction_seconds:.2f}s, "
+                    f"Gaussian {report.gaussian_seconds:.2f}s, {report.n_images} images)")
+        model_path = out_dir / "best.pdparams"
+        model_id = distributed.finalize_on_rank0(partial(write_model, model_file, report, model_path, category, logger),
+                                                 "writing the model", ranks=ranks)
+        del model_file
+        metrics = None
+        if args.val:
+            from models.evaluate import evaluate_category
+            metrics = evaluate_category(model_path, root, category, args.save_path, args.batch_size,
+                                        args.num_workers, args.save_picture, logger=logger,
+                                        static_graph=args.static_graph, model_id=model_id, verdicts=args.verdicts,
+                                        ranks=ranks)
+        close_file_handlers()
+    return metrics
+
+
+def write_model(model_file, report, model_path: Path, category: str, logger) -> str:
+    """Log the calibration, remove the previous model's results, write the model file
+    atomically; returns its id."""
+    from models.model_file import save_model
+    from models.pipeline import calibration_note
+    from utils.files import remove_previous_results
+
+    calibration = model_file.meta.calibration
+    logger.info(f"Calibration {report.calibration_seconds:.2f}s (within the total): image threshold "
+                f"{calibration.image_threshold:.4f}, pixel threshold {calibration.pixel_threshold:.4f}, "
+                f"{calibration.source}")
+    note = calibration_note(calibration)
+    if note:
+        logger.info(note)
+    logger.info("Saving model...")
+    removed = remove_previous_results(model_path.parent, category)
+    if removed:
+        logger.info(f"Removed {len(removed)} result files of the previous model from {model_path.parent}")
+    save_model(model_path, model_file.meta, model_file.arrays, model_file.backbone_state)
+    logger.info(f"Save model in {model_path}")
+    return model_file.meta.model_id
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from paddle.vision.models.resnet import model_urls as _PADDLE_RESNET_URLS
 
 from models.paddle_weights import load_paddle_weights
 from models.torch_weights import Select, WeightsError, load_torch_checkpoint
+from utils.numbers import available_cpus
 
 __all__ = [
     "BACKBONES",
@@ -91,13 +92,13 @@ PADDLE_CACHE_DIR = "~/.cache/paddle/hapi/weights"
 
 
 def set_num_threads(n: int | None = None) -> int:
-    """Let eager CPU kernels use `n` threads (default: all CPUs this process may use).
+    """Let eager CPU kernels use `n` threads (default: ``available_cpus()``).
 
     Importing paddle sets OMP_NUM_THREADS=1, so without this eager inference runs on one core.
     Returns the thread count requested.
     """
     if not n:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = available_cpus()
     setter = getattr(paddle.base.core, "set_num_threads", None)
     if setter is not None:
         setter(int(n))

@@ -29,13 +29,14 @@ socket closes, else after its 30 s) and becomes a ``PeerFailure`` as well.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import threading
 import time
 import zlib
-from contextlib import contextmanager
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -66,6 +67,11 @@ class Context(NamedTuple):
     rank: int
     world_size: int
     is_distributed: bool
+
+
+# Work that one rank does alone under the launcher (a whole category of ``round_robin``): no shards,
+# no steps, no collectives. Functions that take ``ranks`` accept it.
+SINGLE = Context(0, 1, False)
 
 
 def context() -> Context:
@@ -258,6 +264,16 @@ class _Step:
             return f"{prefix}: {message}"
         return f"{prefix}, rank {culprits[0]} failed during {self.name}: {message}"
 
+    def publish(self, text: str) -> None:
+        """This rank's result of the step, for rank 0 to read once all have reported."""
+        try:
+            self.store.set(f"{self.key}/result/{self.ctx.rank}", text)
+        except Exception:
+            raise PeerFailure(self._lost()) from None
+
+    def published(self, rank: int) -> str:
+        return self.store.get(f"{self.key}/result/{rank}").decode("utf-8")
+
     def missing(self) -> list[int]:
         return [rank for rank in range(self.ctx.world_size) if self._add(f"state/{rank}", 0) == 0]
 
@@ -308,28 +324,35 @@ class _Step:
             time.sleep(_POLL_SECONDS)
 
 
+_ACTIVE: list["_Progress"] = []   # the steps this rank is inside, innermost last
+
+
 @contextmanager
-def step(name: str, timeout_s: float | None = None):
+def step(name: str, timeout_s: float | None = None, ranks: Context | None = None):
     """Run the block on every rank, then wait until all ranks finished it.
 
     A rank whose block raises tells the others and re-raises its own error. The others raise
     ``PeerFailure`` naming it when they reach the end of the block, or at ``check()`` inside it;
     likewise when a rank that has not finished stops beating for ``peer_silence_s`` (``init``).
     No time limit otherwise; ``timeout_s`` bounds the wait at the end (not the block). Every
-    rank must run the same steps in the same order. Without the launcher: just the block.
+    rank must run the same steps in the same order. Without the launcher, or with ``ranks``
+    ``SINGLE`` (this rank works alone): just the block, and ``check()`` looks at the step it is
+    nested in, if any.
 
         with distributed.step("training shard") as progress:
             for batch in loader:
                 progress.check()        # stop early when another rank failed
                 fit.update(...)
     """
-    ctx = context()
+    ctx = context() if ranks is None else ranks
     if not ctx.is_distributed:
         yield _NoProgress()
         return
     state = _Step(name, ctx, timeout_s)
+    progress = _Progress(state)
+    _ACTIVE.append(progress)
     try:
-        yield _Progress(state)
+        yield progress
     except BaseException as error:
         try:
             if not state.reported:   # a PeerFailure from this step's own check() was reported there
@@ -340,13 +363,17 @@ def step(name: str, timeout_s: float | None = None):
         except Exception:
             pass   # the store is gone too: the launcher ends the others
         raise
+    finally:
+        _ACTIVE.remove(progress)
     state.report(None)
     state.wait()
 
 
 class _NoProgress:
     def check(self) -> None:
-        pass
+        """The enclosing step's check (work done alone inside a ``round_robin``), else nothing."""
+        if _ACTIVE:
+            _ACTIVE[-1].check()
 
 
 class _Progress:
@@ -367,18 +394,59 @@ class _Progress:
 
 
 def finalize_on_rank0(work: Callable[[], T], name: str = "writing the model",
-                      timeout_s: float | None = None) -> T | None:
+                      timeout_s: float | None = None, ranks: Context | None = None) -> T | None:
     """Rank 0 runs ``work()`` (finalize, calibrate, write atomically) while the others wait; every
     rank returns only when it succeeded: rank 0 with its result, the others with None. If it
     fails, rank 0 re-raises its error and the others raise PeerFailure with its message. Without
-    the launcher: ``work()``."""
-    ctx = context()
+    the launcher (or with ``ranks`` ``SINGLE``): ``work()``."""
+    ctx = context() if ranks is None else ranks
     if not ctx.is_distributed:
         return work()
-    with step(name, timeout_s):
+    with step(name, timeout_s, ctx):
         if ctx.rank == 0:
             return work()
     return None
+
+
+@contextmanager
+def held_on_rank0(acquire: Callable[[], Any], name: str, ranks: Context | None = None):
+    """Rank 0 enters the context manager ``acquire()`` (e.g. the lock of the output folder, which
+    only the writer takes) for the block; every rank starts the block only once it holds it,
+    and the others stop with PeerFailure if it cannot. Without the launcher: ``acquire()``."""
+    ctx = context() if ranks is None else ranks
+    if not ctx.is_distributed:
+        with acquire() as held:
+            yield held
+        return
+    with ExitStack() as stack:
+        held = None
+        with step(name, ranks=ctx):
+            if ctx.rank == 0:
+                held = stack.enter_context(acquire())
+        yield held
+
+
+def round_robin(items: Sequence[str], work: Callable[[str], Any], name: str) -> dict | None:
+    """Each rank runs ``work(item)`` for its ``shard`` of the sorted ``items``, alone (``work``
+    passes ``SINGLE`` on to the pipeline: no shards inside); the ranks wait for each other at the
+    end, and rank 0 returns every item's result (JSON values, sent through the launcher's store)
+    as {item: result} in the sorted order; the other ranks return None. One ``step`` around it
+    all: a rank that fails stops the others at their next ``check()``. Without the launcher:
+    every item here."""
+    ctx = context()
+    ordered = sorted(items)
+    if not ctx.is_distributed:
+        return {item: work(item) for item in ordered}
+    mine = shard(ordered, ctx.rank, ctx.world_size)
+    with step(name) as progress:
+        done = {item: work(item) for item in mine}
+        progress._state.publish(json.dumps(done, allow_nan=True))
+    if ctx.rank != 0:
+        return None
+    results = {}
+    for rank in range(ctx.world_size):
+        results.update(json.loads(progress._state.published(rank)))
+    return {item: results[item] for item in ordered}
 
 
 # ---- moving numbers -------------------------------------------------------------------------
@@ -489,10 +557,9 @@ def gather_to_rank0(arrays: dict[str, np.ndarray], total: int,
 
     ``arrays``: the same keys on every rank, each [k_r, ...] with k_r = ``shard_size(total,
     rank, world)`` and the same dtype and trailing shape on every rank, e.g. {"scores": [k]
-    float32, "labels": [k] int64, "maps": [k, H, W] float32, "masks": [k, H, W] bool}. They
-    travel as tensors by point-to-point sends to rank 0, in rounds of at most ``chunk_bytes``
-    per rank, so no rank waits in a send for longer than a round. Call it right after a
-    ``step``. Without the launcher: the arrays as given."""
+    float32, "labels": [k] int64, "maps": [k, H, W] float32, "masks": [k, H, W] bool}. See
+    ``gather_indexed_to_rank0``. Call it right after a ``step``. Without the launcher: the
+    arrays as given."""
     ctx = context()
     arrays = {key: np.asarray(value) for key, value in arrays.items()}
     expected = shard_size(total, ctx.rank, ctx.world_size)
@@ -502,44 +569,85 @@ def gather_to_rank0(arrays: dict[str, np.ndarray], total: int,
                              f"but the array has shape {value.shape}")
     if not ctx.is_distributed:
         return arrays
+    gathered = gather_indexed_to_rank0(arrays, shard(range(total), ctx.rank, ctx.world_size), chunk_bytes=chunk_bytes)
+    return None if gathered is None else gathered[0]
+
+
+def gather_indexed_to_rank0(arrays: dict[str, np.ndarray], indices: Sequence[int], axis: int = 0,
+                            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """Items that each rank holds, any number per rank, tagged with their (distinct) index in a
+    list all ranks share -> on rank 0, (arrays of all ranks' items sorted by index, the sorted
+    indices [K] int64); None on the other ranks.
+
+    ``arrays``: the same keys on every rank, the items along ``axis`` (k_r = len(``indices``) of
+    them), the same dtype and other dimensions on every rank, e.g. the embeddings [P, k_r, d]
+    (``axis=1``) of the training images a rank kept. They travel by point-to-point sends to rank
+    0, in rounds of at most ``chunk_bytes`` per rank, so no rank waits in a send for longer than
+    a round and no rank holds more than its items and a round beyond them (rank 0: the result).
+    Call it right after a ``step``, on every rank. Without the launcher: the arrays sorted by
+    index."""
+    ctx = context()
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    arrays = {key: np.moveaxis(np.asarray(value), axis, 0) for key, value in arrays.items()}   # views
+    for key, value in arrays.items():
+        if value.shape[0] != len(indices):
+            raise ValueError(f"{key}: {value.shape[0]} items along axis {axis}, but {len(indices)} indices")
+    if not ctx.is_distributed:
+        order = np.argsort(indices, kind="stable")
+        if len(np.unique(indices)) != len(indices):
+            raise ValueError("the item indices repeat")
+        return {key: np.moveaxis(value[order], 0, axis) for key, value in arrays.items()}, indices[order]
     import paddle
     import paddle.distributed as dist
-    what = "the gather of per-image results"
+    what = "the gather of per-item results"
     keys = sorted(arrays)
     # first the key list (a fixed-size tensor, so a mismatch is an error, not a hang), then dtypes
-    # and trailing shapes
+    # and the other dimensions
     names = np.array([len(keys), zlib.crc32("\0".join(keys).encode("utf-8"))], dtype=np.int64)
     _same_everywhere(what, names, f"ranks disagree on the arrays to gather (this rank: {keys})")
-    if not keys:
-        return {} if ctx.rank == 0 else None
-    layout = np.stack([_describe(arrays[key]) for key in keys])
-    layout[:, 2] = 0   # the rows differ by rank
-    _same_everywhere(what, layout, f"ranks disagree on the dtype or trailing shape of {keys}")
+    if keys:
+        layout = np.stack([_describe(arrays[key][:0]) for key in keys])   # no rows: those differ by rank
+        _same_everywhere(what, layout, f"ranks disagree on the dtype or the other dimensions of {keys}")
+    counts = []
+    _collective(what, dist.all_gather, counts, paddle.to_tensor(np.array([len(indices)], dtype=np.int64)))
+    counts = [int(count.numpy()[0]) for count in counts]
+    senders = [rank for rank in range(1, ctx.world_size) if counts[rank] > 0]
+    everyone = {0: indices}
+    for sender in senders:   # the indices first: they say where each item goes
+        if ctx.rank == sender:
+            _collective(what, dist.send, paddle.to_tensor(indices), dst=0)
+        elif ctx.rank == 0:
+            buffer = paddle.to_tensor(np.empty(counts[sender], np.int64))
+            _collective(what, dist.recv, buffer, src=sender)
+            everyone[sender] = buffer.numpy()
+    if ctx.rank == 0:
+        merged_indices = np.sort(np.concatenate([everyone[rank] for rank in sorted(everyone)]))
+        if len(np.unique(merged_indices)) != len(merged_indices):
+            raise ValueError("the item indices repeat across ranks")
+        places = {rank: np.searchsorted(merged_indices, rank_indices) for rank, rank_indices in everyone.items()}
     gathered = {}
     for key in keys:
-        local = _wire(arrays[key])
-        row_bytes = max(1, local.itemsize * int(np.prod(local.shape[1:], dtype=np.int64)))
+        local = arrays[key]
+        wire_dtype = np.uint8 if local.dtype == np.bool_ else local.dtype
+        row_bytes = max(1, np.dtype(wire_dtype).itemsize * int(np.prod(local.shape[1:], dtype=np.int64)))
         rows_per_round = max(1, chunk_bytes // row_bytes)
-        sizes = [shard_size(total, r, ctx.world_size) for r in range(ctx.world_size)]
         if ctx.rank == 0:
-            merged = np.empty((total,) + local.shape[1:], local.dtype)
-            merged[0::ctx.world_size] = local
-        for start in range(0, sizes[0], rows_per_round):
-            for sender in range(1, ctx.world_size):
-                stop = min(start + rows_per_round, sizes[sender])
+            merged = np.empty((len(merged_indices),) + local.shape[1:], local.dtype)
+            merged[places[0]] = local
+        for start in range(0, max(counts), rows_per_round):
+            for sender in senders:
+                stop = min(start + rows_per_round, counts[sender])
                 if stop <= start:
                     continue
                 if ctx.rank == sender:
-                    _collective(what, dist.send, paddle.to_tensor(local[start:stop]), dst=0)
+                    _collective(what, dist.send, paddle.to_tensor(_wire(local[start:stop])), dst=0)
                 elif ctx.rank == 0:
-                    buffer = paddle.to_tensor(np.empty((stop - start,) + local.shape[1:], local.dtype))
+                    buffer = paddle.to_tensor(np.empty((stop - start,) + local.shape[1:], wire_dtype))
                     _collective(what, dist.recv, buffer, src=sender)
-                    # item sender + i·world is the sender's i-th
-                    merged[sender + start * ctx.world_size:sender + stop * ctx.world_size:ctx.world_size] = \
-                        buffer.numpy()
+                    merged[places[sender][start:stop]] = _unwire(buffer.numpy(), local.dtype)
         if ctx.rank == 0:
-            gathered[key] = _unwire(merged, arrays[key].dtype)
-    return gathered if ctx.rank == 0 else None
+            gathered[key] = np.moveaxis(merged, 0, axis)
+    return (gathered, merged_indices) if ctx.rank == 0 else None
 
 
 def _same_everywhere(what: str, values: np.ndarray, mismatch: str) -> None:

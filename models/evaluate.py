@@ -11,25 +11,34 @@ from datasets.mvtec import MVTecDataset, read_rgb
 from models.calibration import VERDICT_SOURCES, verdict_metrics
 from models.deploy import finite_results, non_finite_error
 from models.model_file import ModelFileError, load_model, update_meta
-from models.pipeline import build_model, score_dataset
+from models import distributed
+from models.pipeline import ScoredSet, build_model, dataset_shard, score_dataset
 from utils.evaluation import compute_metrics, roc_curves, write_metrics, write_scores_csv
 from utils.logger import get_logger
 
 
 def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
                       save_picture=True, expected_backbone=None, seed=None, logger: logging.Logger | None = None,
-                      static_graph=True, model_id: str | None = None, verdicts: str = "calibrated") -> dict:
+                      static_graph=True, model_id: str | None = None, verdicts: str = "calibrated",
+                      ranks: distributed.Context | None = None) -> dict | None:
     """Score the test split, report the original's lines plus PRO and the verdicts at the
     calibrated threshold (false alarms on good images, defects found), store the F1-max
     thresholds in the model file's calibration record with ``verdicts`` (which pair predict and
     infer use: calibrated or f1_max), only if the file still holds the model evaluated; then
     write scores.csv, metrics.json and, with ``save_picture``, the figures into
     ``<save_path>/<category>/``. ``model_id`` (train.py's own fit): the file must still hold
-    that model."""
+    that model.
+
+    Under paddle.distributed.launch (``ranks`` None: read from the launcher's environment;
+    ``distributed.SINGLE``: this process evaluates the whole category alone) each rank scores its
+    shard of the test split, rank 0 computes the metrics from all images and writes the results
+    (as one process would) and returns the metrics, and each rank draws its own images' figures;
+    the other ranks return None."""
     if verdicts not in VERDICT_SOURCES:
         raise ValueError(f"verdicts must be one of {', '.join(VERDICT_SOURCES)}, got {verdicts!r}")
+    ranks = distributed.context() if ranks is None else ranks
     out_dir = Path(save_path) / category
-    logger = logger or get_logger(out_dir / "val.log")
+    logger = logger or get_logger(out_dir / "val.log" if ranks.rank == 0 else None)
     model_file = load_model(model_path, expected_backbone)
     meta = model_file.meta
     if model_id is not None and meta.model_id != model_id:
@@ -41,10 +50,33 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     print(f"Testing model for {category}")
     logger.info("Starting eval model...")
     model = build_model(model_file)
-    scored = score_dataset(model, dataset, batch_size, num_workers, static_graph=static_graph)
-    finite = finite_results(scored.maps, scored.scores)
-    if not finite.all():
-        raise non_finite_error(int((~finite).sum()), len(finite))
+    scored, indices = score_test_split(model, dataset, ranks, batch_size, num_workers, static_graph)
+    everything = gathered_on_rank0(scored, dataset, ranks)
+    metrics = distributed.finalize_on_rank0(
+        lambda: write_results(everything, meta, model_path, data_root, category, out_dir, logger, verdicts),
+        "writing the results", ranks=ranks)
+    if save_picture:
+        # the figures share rank 0's pixel threshold and colour scale
+        shown = np.array([metrics["pixel_threshold"], *meta.display_range()]) if ranks.rank == 0 else None
+        if ranks.is_distributed:
+            shown = distributed.broadcast_from_rank0(shown)
+        with distributed.step("drawing the figures", ranks=ranks) as peers:
+            draw_figures(out_dir, category, meta, dataset, scored, indices, *shown, check=peers.check)
+            if ranks.rank == 0:
+                from utils.visualize import plot_roc
+                plot_roc(out_dir / "roc_curve.png",
+                         roc_curves(everything.maps, everything.scores, everything.masks, everything.labels, metrics),
+                         f"{category} ({meta.backbone})")
+        if ranks.rank == 0:
+            logger.info(f"Saved {len(dataset)} figures and roc_curve.png in {out_dir}")
+    return metrics
+
+
+def write_results(scored: ScoredSet, meta, model_path, data_root, category, out_dir: Path,
+                  logger: logging.Logger, verdicts: str = "calibrated") -> dict:
+    """Metrics of the whole test split, logged; the F1-max thresholds stored in the model file's
+    calibration record with ``verdicts`` (``meta`` updated), scores.csv and metrics.json written.
+    Returns the metrics."""
     metrics = compute_metrics(scored.maps, scored.scores, scored.masks, scored.labels)
     metrics.update(category=category, backbone=meta.backbone, model_path=str(model_path),
                    data_path=str(Path(data_root) / category), weights_source=meta.weights_source)
@@ -73,17 +105,48 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     write_scores_csv(out_dir / "scores.csv", scored.samples, scored.scores)
     write_metrics(out_dir / "metrics.json", metrics)
     logger.info(f"Thresholds stored in {model_path}; results in {out_dir}")
-    if save_picture:
-        from tqdm import tqdm
-
-        from utils.visualize import plot_panels, plot_roc
-        plot_roc(out_dir / "roc_curve.png", roc_curves(scored.maps, scored.scores, scored.masks, scored.labels, metrics),
-                 f"{category} ({meta.backbone})")
-        vmin, vmax = meta.display_range()
-        for i, sample in enumerate(tqdm(scored.samples, desc=f"| figures | {category} |")):
-            image = dataset.transform.to_display(read_rgb(sample.path))
-            title = f"{sample.defect_type}/{Path(sample.path).name}  score {scored.scores[i]:.2f}"
-            plot_panels(out_dir / f"{category}_{i}.png", image, scored.maps[i], metrics["pixel_threshold"],
-                        vmin, vmax, ground_truth=scored.masks[i].astype(np.float32), title=title)
-        logger.info(f"Saved {len(scored.samples)} figures and roc_curve.png in {out_dir}")
     return metrics
+
+
+def draw_figures(out_dir: Path, category: str, meta, dataset: MVTecDataset, scored: ScoredSet, indices,
+                 pixel_threshold: float, vmin: float, vmax: float, check=None) -> None:
+    """The figure ``<category>_<i>.png`` of each scored image, ``i`` its index in the test split
+    (``indices``)."""
+    from tqdm import tqdm
+
+    from utils.visualize import plot_panels
+    for position, (i, sample) in enumerate(tqdm(list(zip(indices, scored.samples)), desc=f"| figures | {category} |")):
+        if check is not None:
+            check()
+        image = dataset.transform.to_display(read_rgb(sample.path))
+        title = f"{sample.defect_type}/{Path(sample.path).name}  score {scored.scores[position]:.2f}"
+        plot_panels(out_dir / f"{category}_{i}.png", image, scored.maps[position], pixel_threshold,
+                    vmin, vmax, ground_truth=scored.masks[position].astype(np.float32), title=title)
+
+
+# ---- data parallelism
+
+def score_test_split(model, dataset: MVTecDataset, ranks: distributed.Context, batch_size: int, num_workers: int,
+                     static_graph: bool) -> tuple[ScoredSet, list[int]]:
+    """(this rank's scored images, their indices in the test split): its shard when ``ranks`` is
+    distributed (``dataset_shard``), else all. Every rank waits for the others at the end (a
+    step), and stops early when one fails."""
+    shard, indices = dataset_shard(dataset, ranks, "test images")
+    with distributed.step("scoring", ranks=ranks) as peers:
+        scored = score_dataset(model, shard, batch_size, num_workers, static_graph=static_graph, check=peers.check)
+        finite = finite_results(scored.maps, scored.scores)
+        if not finite.all():
+            raise non_finite_error(int((~finite).sum()), len(finite))
+    return scored, indices
+
+
+def gathered_on_rank0(scored: ScoredSet, dataset: MVTecDataset, ranks: distributed.Context) -> ScoredSet | None:
+    """Every rank's scored images, in the test split's order, on rank 0 (None on the others):
+    ``scored`` itself when not distributed. Call it on every rank right after ``score_test_split``."""
+    if not ranks.is_distributed:
+        return scored
+    arrays = distributed.gather_to_rank0({"maps": scored.maps, "scores": scored.scores, "masks": scored.masks,
+                                          "labels": scored.labels}, len(dataset))
+    if arrays is None:
+        return None
+    return ScoredSet(arrays["maps"], arrays["scores"], arrays["masks"], arrays["labels"], list(dataset.samples))

@@ -2,24 +2,27 @@
 model file, score a dataset, export a model file."""
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import paddle
 from tqdm import tqdm
 
-from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, iterate_batches
+from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, DataError, MVTecDataset, iterate_batches
+from models import distributed
 from models.backbones import DEFAULT_D, build_backbone, get_backbone_state, set_backbone_state
 from models.calibration import (DEFAULT_FALSE_ALARM_RATE, Calibration, calibrate, calibration_images, images_needed,
                                 leave_one_out_distances)
 from models.export import DEFAULT_OPSET, ExportResult, check_export_request, check_onnx_size, export_model
 from models.model_file import ModelFile, ModelFileError, ModelMeta, load_model, read_meta
-from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, AnomalyMap, Embedding, GaussianFit, PaDiM,
-                          channel_indices, grouped_by_stage, mahalanobis_on_host)
+from models.padim import (DEFAULT_EPS, DEFAULT_SEED, DEFAULT_SIGMA, AnomalyMap, Embedding, GaussianFit, GaussianSums,
+                          PaDiM, channel_indices, grouped_by_stage, mahalanobis_on_host)
 from models.static import static_runner_or_none
 
 LOGGER = logging.getLogger("padim")
@@ -59,32 +62,12 @@ class FitReport:
     calibration_seconds: float = 0.0
 
 
-class CalibrationSample:
-    """The embeddings of the training images that calibrate the model (those of ``n_images``
-    that models.calibration.calibration_images picks), kept as the fit's batches pass:
-    ``blocks``, [P, b, d] float32 arrays, each a batch's own host array when all its images are
-    kept (no copy), else a copy of the kept ones."""
-
-    def __init__(self, n_images: int, positions: int, d: int, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE):
-        self._chosen = np.zeros(int(n_images), dtype=bool)
-        self._chosen[calibration_images(n_images, positions * d * 4, false_alarm_rate)] = True
-        self.blocks: list[np.ndarray] = []
-
-    def add(self, embeddings, image_indices) -> None:
-        """Keep the chosen images of a batch: ``embeddings`` [P, B, d] (NumPy or Paddle) of the
-        dataset's images ``image_indices`` [B]."""
-        keep = np.flatnonzero(self._chosen[np.asarray(image_indices, dtype=np.int64)])
-        if keep.size:
-            host = embeddings if isinstance(embeddings, np.ndarray) else embeddings.numpy()
-            self.blocks.append(host if keep.size == host.shape[1] else host[:, keep])
-
-
 def calibrate_from_embeddings(blocks, mean: np.ndarray, whitening: np.ndarray, n_train: int, feature_grid,
                               image_size, sigma: float = DEFAULT_SIGMA,
                               false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
                               batch_size: int = 32) -> tuple[Calibration, dict]:
     """The verdict thresholds of a fitted model from ``blocks``, embeddings [P, b, d] of some of
-    its ``n_train`` training images (CalibrationSample.blocks): their distances under the model
+    its ``n_train`` training images (KeptEmbeddings): their distances under the model
     (on the host), turned into those of the model fitted without each image
     (models.calibration.leave_one_out_distances), smoothed into anomaly maps [Bc, H, W] and
     calibrated for ``false_alarm_rate``. Returns the Calibration and the maps' score range (the
@@ -130,10 +113,17 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
               seed: int = DEFAULT_SEED, eps: float = DEFAULT_EPS, sigma: float = DEFAULT_SIGMA,
               batch_size: int = 32, num_workers: int = 2, print_freq: int = 2,
               progress: bool = True, static_graph: bool = True,
-              false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE) -> tuple[ModelFile, FitReport]:
+              false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+              ranks: distributed.Context | None = None) -> tuple[ModelFile | None, FitReport]:
     """Fit one category's Gaussians and calibrate the verdict thresholds for ``false_alarm_rate``
     (calibrate_from_embeddings); returns the model file contents (not yet written) and timings.
-    ``static_graph``: on the CPU, extract the features through Paddle Inference (oneDNN)."""
+    ``static_graph``: on the CPU, extract the features through Paddle Inference (oneDNN).
+
+    Under paddle.distributed.launch (``ranks`` None: read from the launcher's environment) each
+    rank streams its ``dataset_shard`` and the sums meet (``sum_fit_over_ranks``): rank 0
+    finalizes, calibrates and returns the model file, the others return (None, their own report).
+    ``distributed.SINGLE``: this process fits the whole category alone."""
+    ranks = distributed.context() if ranks is None else ranks
     seed_everything(seed)
     backbone = build_backbone(backbone_name, weights)
     total_channels = int(sum(backbone.channels))
@@ -143,36 +133,49 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     grid = feature_grid_of(backbone, image_size)
     embedding = Embedding(backbone.channels, idx)
     extract = embedding_extractor(backbone, embedding, image_size, static_graph)
+    shard, indices = dataset_shard(dataset, ranks, "training images")
     gaussian = GaussianFit()
-    kept = CalibrationSample(len(dataset), grid[0] * grid[1], d, false_alarm_rate)
+    kept = KeptEmbeddings(calibration_images(len(dataset), grid[0] * grid[1] * d * 4, false_alarm_rate),
+                          grid[0] * grid[1], d)
     started = time.perf_counter()
     extraction = gaussian_time = 0.0
-    batches = iterate_batches(dataset, batch_size, num_workers)
-    total = (len(dataset) + batch_size - 1) // batch_size
+    batches = iterate_batches(shard, batch_size, num_workers)
+    total = (len(shard) + batch_size - 1) // batch_size
     data_started = time.perf_counter()
-    for step, batch in enumerate(tqdm(batches, total=total, disable=not progress,
-                                      desc=f"| feature extraction | train | {dataset.category} |")):
-        data_time = time.perf_counter() - data_started
+    with distributed.step("training shard", ranks=ranks) as peers:
+        for step, batch in enumerate(tqdm(batches, total=total, disable=not progress,
+                                          desc=f"| feature extraction | train | {dataset.category} |")):
+            peers.check()
+            data_time = time.perf_counter() - data_started
+            tick = time.perf_counter()
+            embeddings = extract(batch.images)
+            tock = time.perf_counter()
+            gaussian.update(embeddings)
+            kept.add(embeddings, indices[step * batch_size:step * batch_size + len(batch.samples)])
+            done = time.perf_counter()
+            extraction += tock - tick
+            gaussian_time += done - tock
+            if print_freq and step % print_freq == 0:
+                LOGGER.info(f"Epoch 0[{step + 1}/{total}]: batch time:{done - tick:.4f}, data time:{data_time:.4f}")
+            # freed before the next forward pass, so Paddle's allocator can reuse the memory
+            del embeddings, batch
+            data_started = time.perf_counter()
+    if ranks.is_distributed:
         tick = time.perf_counter()
-        embeddings = extract(batch.images)
-        tock = time.perf_counter()
-        gaussian.update(embeddings)
-        kept.add(embeddings, np.arange(step * batch_size, step * batch_size + len(batch.samples)))
-        done = time.perf_counter()
-        extraction += tock - tick
-        gaussian_time += done - tock
-        if print_freq and step % print_freq == 0:
-            LOGGER.info(f"Epoch 0[{step + 1}/{total}]: batch time:{done - tick:.4f}, data time:{data_time:.4f}")
-        # freed before the next forward pass, so Paddle's allocator can reuse the memory
-        del embeddings, batch
-        data_started = time.perf_counter()
+        sum_fit_over_ranks(gaussian)
+        gaussian_time += time.perf_counter() - tick
+        LOGGER.info(f"sums of {ranks.world_size} processes added in {time.perf_counter() - tick:.2f}s")
+    kept_blocks = kept.gathered_on_rank0(ranks)
+    del kept
+    if ranks.rank != 0:   # rank 0 finalizes
+        return None, FitReport(len(shard), time.perf_counter() - started, extraction, gaussian_time, total)
     tick = time.perf_counter()
     mean, whitening = gaussian.finalize(eps)
     tock = time.perf_counter()
     gaussian_time += tock - tick
-    calibration, statistics = calibrate_from_embeddings(kept.blocks, mean, whitening, gaussian.n_, grid,
+    calibration, statistics = calibrate_from_embeddings(kept_blocks, mean, whitening, gaussian.n_, grid,
                                                         image_size, sigma, false_alarm_rate)
-    del kept
+    del kept_blocks
     calibration_time = time.perf_counter() - tock
     meta = ModelMeta(
         category=dataset.category,
@@ -194,6 +197,81 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     arrays = {"idx": idx, "mean": mean, "whitening": whitening}
     report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total, calibration_time)
     return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
+
+
+# ---- data parallelism: the parts of a fit and an evaluation split over ranks
+
+def dataset_shard(dataset: MVTecDataset, ranks: distributed.Context, what: str) -> tuple[MVTecDataset, list[int]]:
+    """(this rank's images of ``dataset`` as a dataset of their own, their indices in
+    ``dataset``): round robin over its sorted list (``distributed.shard``), after every rank
+    checked that it lists the same images. Logs ``rank R of N: K <what>``. Not distributed:
+    ``dataset`` itself."""
+    if not ranks.is_distributed:
+        return dataset, list(range(len(dataset)))
+    if len(dataset) < ranks.world_size:
+        raise DataError(f"{len(dataset)} {what} of {dataset.category} for {ranks.world_size} processes: every "
+                        f"process needs at least one; start fewer processes")
+    distributed.check_same_list([f"{s.defect_type}/{Path(s.path).name}" for s in dataset.samples],
+                                f"{what} of {dataset.category}")
+    indices = distributed.shard(range(len(dataset)), ranks.rank, ranks.world_size)
+    shard = copy.copy(dataset)
+    shard.samples = [dataset.samples[i] for i in indices]
+    LOGGER.info(distributed.shard_line(len(indices), what))
+    return shard, indices
+
+
+def sum_fit_over_ranks(gaussian: GaussianFit) -> None:
+    """Replace this rank's sums by those of every rank's images, on every rank: each rank's
+    sums are re-expressed about the mean of all images (``distributed.pooled_shift``), so that
+    they add, then summed in float64 (``distributed.all_reduce_sum``). Call it on every rank
+    right after the step that streamed the shards."""
+    state = gaussian.state()
+    host = [array.numpy() if isinstance(array, paddle.Tensor) else array for array in (state.shift, state.sums)]
+    gaussian.recentre(distributed.pooled_shift(state.n, *host))
+    state = gaussian.state()
+    distributed.all_reduce_sum(state.sums)
+    distributed.all_reduce_sum(state.gram)
+    gaussian.load_state(GaussianSums(distributed.sum_count(state.n), state.shift, state.sums, state.gram))
+
+
+class KeptEmbeddings:
+    """The embeddings of the training images that calibrate the model (``wanted``: their indices
+    in the dataset's sorted list, from models.calibration.calibration_images), kept while the fit streams: ``blocks``, [P, b, d] float32 arrays in the order they
+    came. Each rank of a data-parallel fit keeps those of its shard; ``gathered_on_rank0`` puts
+    them together in the list's order, as one process would hold them."""
+
+    def __init__(self, wanted: Sequence[int], positions: int, d: int):
+        self.wanted = {int(i) for i in wanted}
+        self.positions, self.d = int(positions), int(d)
+        self.blocks: list[np.ndarray] = []
+        self.indices: list[int] = []
+
+    def add(self, embeddings, image_indices: Sequence[int]) -> None:
+        """Keep the wanted images of a batch: ``embeddings`` [P, B, d] (NumPy or Paddle) of the
+        dataset's images ``image_indices`` [B]."""
+        rows = [row for row, index in enumerate(image_indices) if int(index) in self.wanted]
+        if not rows:
+            return
+        if isinstance(embeddings, paddle.Tensor):
+            block = paddle.index_select(embeddings, paddle.to_tensor(rows, dtype="int64"), axis=1).numpy()
+        elif len(rows) == embeddings.shape[1]:
+            block = embeddings   # the batch's own host array, kept without a copy
+        else:
+            block = np.asarray(embeddings)[:, rows]
+        self.blocks.append(np.asarray(block, dtype=np.float32))
+        self.indices.extend(int(image_indices[row]) for row in rows)
+
+    def gathered_on_rank0(self, ranks: distributed.Context) -> list[np.ndarray] | None:
+        """The blocks of all ranks, in the list's order, on rank 0 (one [P, K, d] array); None on
+        the other ranks. Not distributed: ``blocks`` (streamed in the list's order). Under the
+        launcher, call it on every rank right after the fit's step."""
+        if not ranks.is_distributed:
+            return self.blocks
+        local = (np.concatenate(self.blocks, axis=1) if self.blocks
+                 else np.empty((self.positions, 0, self.d), dtype=np.float32))
+        self.blocks = []
+        gathered = distributed.gather_indexed_to_rank0({"embeddings": local}, self.indices, axis=1)
+        return None if gathered is None else [gathered[0]["embeddings"]]
 
 
 def embedding_extractor(backbone, embedding: Embedding, image_size, static_graph: bool = True):
@@ -282,12 +360,16 @@ def model_scorer(model: PaDiM, static_graph: bool = True):
 
 
 def score_dataset(model: PaDiM, dataset: MVTecDataset, batch_size: int = 32, num_workers: int = 2,
-                  progress: bool = True, static_graph: bool = True) -> ScoredSet:
+                  progress: bool = True, static_graph: bool = True,
+                  check: Callable[[], None] | None = None) -> ScoredSet:
+    """``check()``, if given, runs before each batch (``distributed.step``'s: stop when another rank failed)."""
     score = model_scorer(model, static_graph)
     maps, scores, masks, samples = [], [], [], []
     total = (len(dataset) + batch_size - 1) // batch_size
     for batch in tqdm(iterate_batches(dataset, batch_size, num_workers), total=total, disable=not progress,
                       desc=f"| feature extraction | {dataset.split} | {dataset.category} |"):
+        if check is not None:
+            check()
         anomaly_map, image_score = score(batch.images)
         maps.append(anomaly_map)
         scores.append(image_score)

@@ -23,6 +23,7 @@ from utils.files import temp_path_beside, write_atomically
 
 TOTAL_ITEMS = 7
 GRAM_SHAPE = (7, 5, 5)     # [P, d, d]
+UNEVEN_ITEMS = [5, 1, 3]   # what rank 1 holds; rank 0 holds none
 
 
 def rank_gram(rank: int) -> np.ndarray:
@@ -73,6 +74,13 @@ def run_ok(out: Path, ctx) -> None:
             np.save(out / f"gathered_{key}.npy", value)
     else:
         assert gathered is None
+    # items held unevenly (rank 0 none), out of order, along axis 1 as kept embeddings [P, k, d] are
+    held = [] if ctx.rank == 0 else UNEVEN_ITEMS
+    blocks = np.zeros((2, len(held), 3), np.float32) + np.asarray(held, np.float32)[None, :, None]
+    uneven = distributed.gather_indexed_to_rank0({"embeddings": blocks}, held, axis=1, chunk_bytes=2 * 3 * 4)
+    if ctx.rank == 0:
+        np.save(out / "uneven_embeddings.npy", uneven[0]["embeddings"])
+        np.save(out / "uneven_indices.npy", uneven[1])
     thresholds = distributed.broadcast_from_rank0(np.array([0.25, 4.0]) if ctx.rank == 0 else None)
     np.save(out / f"broadcast_{ctx.rank}.npy", thresholds)
 

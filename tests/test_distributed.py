@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distributed_job import GRAM_SHAPE, TOTAL_ITEMS, item_arrays, rank_embeddings, rank_gram
+from distributed_job import GRAM_SHAPE, TOTAL_ITEMS, UNEVEN_ITEMS, item_arrays, rank_embeddings, rank_gram
 from models import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_launch(script_and_args: list, log_dir: Path, machine_flags=("--nproc_per_node", "2")) -> subprocess.Popen:
+    """``python -m paddle.distributed.launch`` of a script from the repository root, in the
+    background; each rank's output goes to ``log_dir``/workerlog.N."""
+    return subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch", *machine_flags, "--log_dir", str(log_dir),
+                             *map(str, script_and_args)],
+                            cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class Launch:
     """One scenario: its launcher processes (one per simulated machine), its output folder."""
 
@@ -51,10 +59,7 @@ class Launch:
         for node, flags in enumerate(machines):
             log_dir = root / f"{mode}_log{node}"
             self.logs.append(log_dir)
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "paddle.distributed.launch", *flags, "--log_dir", str(log_dir),
-                 str(JOB), mode, str(self.out)],
-                cwd=ROOT, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.processes.append(start_launch([JOB, mode, self.out], log_dir, flags))
 
     def wait(self) -> list[int]:
         return [process.wait(timeout=LAUNCH_TIMEOUT_S) for process in self.processes]
@@ -96,6 +101,10 @@ def test_context_without_the_launcher_is_rank_0_of_1(monkeypatch):
     with distributed.step("alone") as progress:
         progress.check()
     assert distributed.finalize_on_rank0(lambda: 42) == 42
+    items = np.array([[20.0, 0.0, 10.0]])   # [1, 3]: items along axis 1, out of order
+    arrays, indices = distributed.gather_indexed_to_rank0({"items": items}, [2, 0, 1], axis=1)
+    assert indices.tolist() == [0, 1, 2] and arrays["items"].tolist() == [[0.0, 10.0, 20.0]]
+    assert distributed.round_robin(["b", "a"], str.upper, "alone") == {"a": "A", "b": "B"}
 
 
 def test_shards_are_disjoint_round_robin_and_cover_the_list():
@@ -134,6 +143,10 @@ def test_two_processes_sum_gather_and_write_once(launches):
     for key, value in item_arrays(range(TOTAL_ITEMS)).items():
         gathered = np.load(out / f"gathered_{key}.npy", allow_pickle=False)
         assert gathered.dtype == value.dtype and np.array_equal(gathered, value), key
+    # any number of items per rank, sorted by their index; here along axis 1
+    assert np.load(out / "uneven_indices.npy").tolist() == sorted(UNEVEN_ITEMS)
+    expected = np.zeros((2, 3, 3), np.float32) + np.array(sorted(UNEVEN_ITEMS), np.float32)[None, :, None]
+    assert np.array_equal(np.load(out / "uneven_embeddings.npy"), expected)
     for rank in (0, 1):
         assert np.array_equal(np.load(out / f"broadcast_{rank}.npy"), [0.25, 4.0])
         assert np.load(out / f"model_seen_{rank}.npy").all()

@@ -80,6 +80,10 @@ logged logs/bottle_mobilenet_v2_infer_test_folder.log $PY infer.py --model_file 
     --use_gpu False --enable_mkldnn True --input_file "$DATA/bottle/test" --batch_size 8 --save_picture False \
     --save_path "$OUT/mobilenet_v2/infer" --category bottle --enable_benchmark True
 
+# Scale out: 2 processes under paddle.distributed.launch against 1, on bottle.
+logged logs/distributed_bottle_mobilenet_v2.log $PY -m tools.compare_distributed --data_path "$DATA" \
+    --category bottle --backbone mobilenet_v2 --out "$OUT/distributed"
+
 # 3. Lower bound: the faithful ResNet18 configuration with random weights (no ImageNet ResNet offline).
 rm -rf "$OUT/resnet18_random"
 logged_copy logs/bottle_resnet18_random_train.log "$OUT/resnet18_random/bottle/train.log" \

@@ -20,6 +20,7 @@ from utils.files import OutputError, describe_os_error
 from utils.memory import keep_large_buffers
 
 EXIT_USER_ERROR = 2
+EXIT_PEER_FAILURE = 1
 # The original's defaults, kept so its commands still mean the same thing.
 ORIGINAL_DATA_PATH = "data/Mvtec"
 ORIGINAL_CATEGORY = "leather"
@@ -295,7 +296,8 @@ def _reinstall_signal_handlers_after_paddle() -> None:
 
 def run_cli(main, keep_buffers: bool = True) -> None:
     """Run ``main()``; user errors, disk and path errors become one line on stderr and exit code
-    2; Ctrl-C exits 130 and SIGTERM/SIGHUP 128 + the signal, each with one line, after the
+    2; the failure of another rank under paddle.distributed.launch one line and exit code 1
+    (its own line names the cause); Ctrl-C exits 130 and SIGTERM/SIGHUP 128 + the signal, each with one line, after the
     ``finally`` blocks have removed temp files. With ``keep_buffers``, glibc keeps freed large
     buffers for reuse (utils/memory.py: inference batches no longer page-fault their tensors);
     train.py leaves glibc's defaults, under which the fit's peak RSS stays flat."""
@@ -306,8 +308,12 @@ def run_cli(main, keep_buffers: bool = True) -> None:
     # A log line that cannot be written (full disk) must not print a traceback per line; the
     # write that matters fails on its own with one clear line.
     logging.raiseExceptions = False
+    from models.distributed import PeerFailure
     try:
         main()
+    except PeerFailure as exc:   # another rank of paddle.distributed.launch failed: its line says which
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_PEER_FAILURE)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
