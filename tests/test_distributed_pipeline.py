@@ -94,7 +94,10 @@ def test_two_processes_fit_the_model_of_one(runs, trained):
         assert got[key] == pytest.approx(expected[key], rel=1e-6), key
     for key in ("image_threshold", "pixel_threshold"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5), key
-        assert two.meta.thresholds[key] == got[key]
+        assert getattr(two.meta.calibration, "f1_" + key) == got[key]
+    # the calibrated thresholds: the same leave-one-out scores, from the summed model
+    for key in ("image_threshold", "pixel_threshold"):
+        assert getattr(two.meta.calibration, key) == pytest.approx(getattr(one.meta.calibration, key), rel=1e-5), key
     assert (got["n_test"], got["n_anomalous"]) == (expected["n_test"], expected["n_anomalous"])
     expected_rows, rows = score_rows(single), score_rows(double)
     assert [row[:2] for row in rows] == [row[:2] for row in expected_rows]   # same images, same order
@@ -111,8 +114,8 @@ def test_two_processes_evaluate_a_model_as_one_does(runs, trained):
     expected, got = (json.loads((folder / "metrics.json").read_text()) for folder in (single, double))
     assert {k: v for k, v in got.items() if k != "model_path"} == {k: v for k, v in expected.items() if k != "model_path"}
     assert [row[1:] for row in score_rows(double)] == [row[1:] for row in score_rows(single)]
-    stored = load_model(double / "best.pdparams").meta.thresholds
-    assert (stored["image_threshold"], stored["pixel_threshold"]) == (expected["image_threshold"],
+    stored = load_model(double / "best.pdparams").meta.calibration
+    assert (stored.f1_image_threshold, stored.f1_pixel_threshold) == (expected["image_threshold"],
                                                                       expected["pixel_threshold"])
     # every figure once, each rank drawing its own half
     assert sorted(path.name for path in double.glob("demo_*.png")) == sorted(f"demo_{i}.png" for i in range(30))
