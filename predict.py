@@ -39,8 +39,8 @@ def build_parser():
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
     parser.add_argument("--num_workers", type=positive_int, default=2, help="decoding threads")
     add_device_arg(parser, "on the CPU, when there is more than one batch of images: trace the model into a Paddle "
-                           "Inference graph with oneDNN (about half a second, once), then ~5x faster than eager "
-                           "Paddle, same numbers to ~1e-5; False: always eager Paddle")
+                           "Inference graph with oneDNN (a one-off cost), then faster than eager Paddle with the same "
+                           "numbers to float32 rounding; False: always eager Paddle")
     return parser
 
 

@@ -185,7 +185,7 @@ def add_verdict_args(parser, stored: str) -> None:
 
 
 STATIC_GRAPH_HELP = ("on the CPU, run the backbone (and in evaluation the whole model) as a Paddle Inference "
-                     "graph with oneDNN, traced in memory: ~5x faster than eager Paddle, same numbers to ~1e-5; "
+                     "graph with oneDNN, traced in memory: faster than eager Paddle, same numbers to float32 rounding; "
                      "False: eager Paddle, as the original")
 
 
