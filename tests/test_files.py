@@ -179,11 +179,11 @@ def test_a_folder_to_be_read_is_not_created(tmp_path):
 
 def test_a_new_model_removes_the_previous_results_and_keeps_logs(tmp_path):
     stale = ["metrics.json", "scores.csv", "roc_curve.png", "bottle_0.png", "bottle_82.png",
-             "predict/good_000.png", "predict/predictions.csv"]
+             "predict/good_000.png", "predict/test/good/000.png", "predict/predictions.csv"]
     kept = ["best.pdparams", "train.log", "val.log", "bottle_top.png", "screw_1.png", "notes.txt",
             "predict/notes.txt", "infer/good_000.png"]
     for name in stale + kept:
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     removed = remove_previous_results(tmp_path, "bottle")
     assert sorted(str(p.relative_to(tmp_path)) for p in removed) == sorted(stale)

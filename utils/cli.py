@@ -3,6 +3,7 @@ rule that a user error is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import math
 import importlib.abc
 import importlib.util
 import logging
@@ -80,6 +81,17 @@ def _flag_type(parse):
 size_arg = _flag_type(parse_size)        # N or HxW
 resize_arg = _flag_type(parse_resize)    # N (shorter side) or HxW (exact)
 crop_arg = _flag_type(parse_crop)        # N, HxW or none
+
+
+def finite_float(value) -> float:
+    """A finite number (a NaN or infinite threshold would turn every verdict into "normal")."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def rate_arg(value) -> float:
@@ -177,9 +189,9 @@ def add_verdicts_arg(parser) -> None:
 def add_verdict_args(parser, stored: str) -> None:
     """--threshold, --pixel_threshold and --save_picture of predict.py and infer.py; ``stored``
     says where the default thresholds come from."""
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help=f"image-score threshold for the verdict, absolute units; default: {stored}")
-    parser.add_argument("--pixel_threshold", type=float, default=None,
+    parser.add_argument("--pixel_threshold", type=finite_float, default=None,
                         help=f"threshold of the predicted mask, absolute units; default: {stored}")
     parser.add_argument("--save_picture", type=str2bool, default=True, help="save the 4-panel picture per image")
 
