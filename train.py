@@ -136,8 +136,8 @@ def write_model(model_file, report, model_path: Path, category: str, logger) -> 
 
 
 if __name__ == "__main__":
-    # glibc's defaults: keeping large freed buffers (utils/memory.py, as val.py and the deploy
-    # scripts do) made the fit faster, but Paddle Inference's allocations then grew
-    # the heap over the first batches: peak RSS 1.13x-1.38x for 480 vs 60 demo images over four
-    # runs (the RSS target is 1.2x; logs/benchmark_demo_resnet18_fit_malloc_kept.log is one)
+    # glibc's defaults: with large freed buffers kept (utils/memory.py, as val.py and the deploy
+    # scripts do) Paddle Inference's allocations grew the heap over the fit's first batches, so
+    # peak RSS followed the number of training images
+    # (logs/benchmark_demo_resnet18_fit_malloc_kept.log)
     run_cli(main, keep_buffers=False)

@@ -29,6 +29,9 @@ import numpy as np
 from utils.morphology import OPENING_RADIUS, open_mask
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
+# How far below zero 1 - N q/(N-1)² may come out for an image of the fit: float32 distances summed
+# over hundreds of channels are off by a few 1e-5 relative.
+FLOAT32_SLACK = 1e-4
 # Memory for the embeddings of the calibration images, kept until the fit is finalized: what the
 # calibration adds to the fit's memory (otherwise independent of the number of images). Every
 # training image calibrates when they fit in it; else as many as fit (ResNet18 at 224: about 200),
@@ -331,7 +334,11 @@ def leave_one_out_distances(distances, n_fit: int) -> np.ndarray:
         raise CalibrationError(f"leave-one-out scores need a model of at least 3 images, got {n}")
     squared = np.square(np.asarray(distances, dtype=np.float64))
     remaining = 1.0 - n * squared / (n - 1) ** 2
-    if not np.all(remaining > 0):
+    if not np.all(remaining > -FLOAT32_SLACK):
         raise CalibrationError("a distance is too large for an image of the fit: leave-one-out scores are only "
                                "defined for images the model was fitted on")
+    # An image that alone spans a direction of its position's embeddings (likely when d exceeds
+    # the number of images) has 1 - N q/(N-1)² at the level of the float32 scoring's rounding:
+    # the model without it would score it very high, which is what the floor gives.
+    remaining = np.maximum(remaining, np.finfo(np.float32).eps)
     return np.sqrt((n / (n - 1)) ** 2 * squared / remaining)

@@ -40,6 +40,9 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
+from datasets import DataError
+from models.model_file import first_line
+
 T = TypeVar("T")
 
 # Collectives move at most this much per call (float64 bytes): memory beyond the arrays themselves
@@ -172,7 +175,7 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
 
 
 def check_same_list(items: Sequence[str], what: str) -> None:
-    """ValueError on every rank unless every rank sees the same ``items`` (e.g. the sorted image
+    """DataError on every rank unless every rank sees the same ``items`` (e.g. the sorted image
     paths relative to the data root): ranks on several machines with differing copies of the
     data would otherwise shard different lists, overlapping or missing images silently. Waits
     for all ranks (a ``step``). Without the launcher: nothing to compare."""
@@ -456,9 +459,8 @@ def _collective(what: str, call, *args, **kwargs):
         return call(*args, **kwargs)
     except RuntimeError as error:
         ctx = context()
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PeerFailure(f"rank {ctx.rank} of {ctx.world_size}: lost contact with another rank during "
-                          f"{what} ({first_line[:200]})") from None
+                          f"{what} ({first_line(error)})") from None
 
 
 def _row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -656,7 +658,7 @@ def _same_everywhere(what: str, values: np.ndarray, mismatch: str) -> None:
     everyone = []
     _collective(what, dist.all_gather, everyone, paddle.to_tensor(values))
     if any(not np.array_equal(other.numpy(), values) for other in everyone):
-        raise ValueError(mismatch)
+        raise DataError(mismatch)
 
 
 def broadcast_from_rank0(array: np.ndarray | None) -> np.ndarray:

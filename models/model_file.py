@@ -459,9 +459,6 @@ class ModelFile:
         self.arrays = arrays
         self.backbone_state = backbone_state
 
-    def save(self, path=None) -> Path:
-        return save_model(path or self.path, self.meta, self.arrays, self.backbone_state)
-
 
 def read_meta(path) -> ModelMeta:
     """Only the metadata, checked (cheap: the member headers are read, the big arrays are not)."""

@@ -17,6 +17,7 @@ from typing import Sequence
 import paddle
 
 from models.deploy import InferenceSettings, PaddleInferenceModel
+from models.model_file import first_line
 from models.export import save_static_graph
 
 LOGGER = logging.getLogger("padim")
@@ -63,6 +64,5 @@ def static_runner_or_none(layers, function, image_size, what: str, enabled: bool
     try:
         return StaticRunner(layers, function, image_size)
     except Exception as exc:  # noqa: BLE001 - any tracing/loading failure: eager still works
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        LOGGER.warning(f"warning: running the {what} eagerly: Paddle Inference could not load it ({first})")
+        LOGGER.warning(f"warning: running the {what} eagerly: Paddle Inference could not load it ({first_line(exc)})")
         return None

@@ -164,7 +164,7 @@ def test_a_failing_rank_stops_the_other_with_its_message(launches):
     launch = launches["fail"]
     assert all(code != 0 for code in launch.wait())
     assert error_lines(launch.worker_log(1)) == ["error: cannot read image broken.png: not a PNG file"]
-    # the survivor looks at the store between batches (every 50 ms here)
+    # the survivor looks at the store between its batches (the job's poll interval), so it stops soon after
     assert_stopped_cleanly(launch, "error: rank 0 of 2: stopping, rank 1 failed during training shard: "
                                    "cannot read image broken.png: not a PNG file", bound_s=3.0)
 

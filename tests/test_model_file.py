@@ -309,7 +309,7 @@ def test_evaluation_writes_nothing_when_the_model_was_replaced_meanwhile(trained
         scored = real_score(*args, **kwargs)
         fitted.meta.model_id = "the new fit"
         fitted.meta.calibration = replace(fitted.meta.calibration, f1_image_threshold=None, f1_pixel_threshold=None)
-        fitted.save(model_path)
+        save_model(model_path, fitted.meta, fitted.arrays, fitted.backbone_state)
         return scored
 
     monkeypatch.setattr(evaluate, "score_dataset", score_while_train_saves)

@@ -15,10 +15,21 @@ TRAIN_LOG = """# python train.py --data_path /data --category bottle --backbone 
 """
 
 
+# Made-up inputs for the generator (not measurements): a fresh and a stale throughput, and the
+# Gaussian stage's two durations, whose ratio the page must compute.
+FRESH_RATE, STALE_RATE = 12.3, 99.9
+VECTORISED_S, LOOP_S = 0.25, 5.0
+
+
+def rate(value: float) -> str:
+    return f"{value} img/s"
+
+
 def benchmark(value: str) -> dict:
     return {"config": {"category": "bottle", "backbone": "resnet18", "d": 100, "n_train": 209, "n_test": 83},
             "machine": {"cpu": "Test CPU", "cpus_available": 2, "threads": 2},
-            "results": {"gaussian": {"vectorised_seconds": 0.25, "loop_seconds": 5.0, "speedup": 20.0,
+            "results": {"gaussian": {"vectorised_seconds": VECTORISED_S, "loop_seconds": LOOP_S,
+                                     "speedup": LOOP_S / VECTORISED_S,
                                      "max_relative_difference": 2e-5}},
             "table": [{"section": "fit", "measurement": "train.py fit", "value": value, "target": "", "status": ""}]}
 
@@ -27,9 +38,9 @@ def benchmark(value: str) -> dict:
 def logs(tmp_path):
     folder = tmp_path / "logs"
     folder.mkdir()
-    (folder / "benchmark_bottle_resnet18.json").write_text(json.dumps(benchmark("12.3 img/s")))
+    (folder / "benchmark_bottle_resnet18.json").write_text(json.dumps(benchmark(rate(FRESH_RATE))))
     (folder / "benchmark_bottle_resnet18.log").write_text("# python -m tools.benchmark --category bottle\nrest\n")
-    (folder / "benchmark_demo_resnet18.json").write_text(json.dumps(benchmark("99.9 img/s")))
+    (folder / "benchmark_demo_resnet18.json").write_text(json.dumps(benchmark(rate(STALE_RATE))))
     (folder / "bottle_resnet18_random_train.log").write_text(TRAIN_LOG)
     (folder / "stale.txt").write_text("# comment\nlogs/benchmark_demo_resnet18.json recorded by removed code\n")
     return folder
@@ -41,12 +52,12 @@ def page(folder) -> str:
 
 def test_fresh_rows_with_their_command_and_nothing_from_stale_logs(logs):
     text = page(logs)
-    assert "12.3 img/s" in text
+    assert rate(FRESH_RATE) in text
     assert "`python -m tools.benchmark --category bottle`" in text
-    assert "99.9" not in text
+    assert str(STALE_RATE) not in text
     assert "`logs/benchmark_demo_resnet18.json` is to be regenerated (recorded by removed code)" in text
-    # ratios computed from the logged numbers: 5.0 s / 0.25 s
-    assert "250.0 ms vs 5.00 s, 20.0×" in text
+    # the ratio computed from the logged durations
+    assert f"{VECTORISED_S * 1e3:.1f} ms vs {LOOP_S:.2f} s, {LOOP_S / VECTORISED_S:.1f}×" in text
 
 
 def test_results_table_hides_the_fit_time_of_a_stale_train_log(logs):
