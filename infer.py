@@ -34,8 +34,10 @@ def build_parser():
                         help="run on GPU 0; on a Paddle build without CUDA: one warning, then the CPU")
     parser.add_argument("--use_tensorrt", type=str2bool, default=False, help="TensorRT subgraphs (GPU only)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="fp16/int8 with TensorRT on GPU; fp16 on CPU asks for oneDNN bfloat16 (needs "
-                             "--enable_mkldnn=True; falls back to fp32 with a warning when unsupported)")
+                        help="fp16/int8 with TensorRT on GPU; fp16 on CPU runs oneDNN bfloat16 (needs "
+                             "--enable_mkldnn=True and a CPU with bf16; otherwise fp32 with a warning): faster, "
+                             "but scores and maps move a little from fp32's, most where the map is low "
+                             "(docs/performance.md has the measured differences)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=False,
                         help="oneDNN kernels on CPU (several times faster on x86)")
     parser.add_argument("--cpu_threads", type=positive_int, default=None,
@@ -69,6 +71,7 @@ def main(argv=None):
                                load_metadata, non_finite_error, resolve_model_file)
     from utils.visualize import picture_file, report_prediction
     from utils.logger import get_logger
+    from utils.prefetch import Prefetched
 
     logger = get_logger()
     for flag, value, why in (("-c/--config", args.config, "there is no config file"),
@@ -86,7 +89,13 @@ def main(argv=None):
     model_file, backend = resolve_model_file(args.model_file, args.backend, logger)
     meta = load_metadata(model_file)
     images = ImageList(args.input_file, meta["resize"], meta["crop_size"])     # bad input fails fast
-    runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
+    # Decoding starts now, in threads, while the runtime loads (that leaves a core free).
+    batches = Prefetched(iterate_batches(images, args.batch_size, args.num_workers))
+    try:
+        runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
+    except BaseException:
+        batches.close()
+        raise
     category = args.category or meta["category"]
     stored = meta["thresholds"]
     image_threshold = stored["image_threshold"] if args.threshold is None else args.threshold
@@ -117,7 +126,6 @@ def main(argv=None):
     anomalous = failed = 0
     # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
     # the time spent waiting for the next batch, not the decode itself.
-    batches = iter(iterate_batches(images, args.batch_size, args.num_workers))
     for _ in chunks:
         if autolog:
             autolog.times.start()
