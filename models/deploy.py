@@ -176,8 +176,7 @@ def _digest_error(meta: dict, key: str, path: Path) -> DeployError | None:
 
 class FileCheck:
     """The exported files against their metadata: sizes at once, SHA-256 in a thread while the
-    engine loads them (hashlib releases the GIL, so hashing costs no time on the way to the
-    first image). ``result()`` waits for it and raises the DeployError of the first mismatch;
+    engine loads them (hashlib releases the GIL, so the hash is off the way to the first image). ``result()`` waits for it and raises the DeployError of the first mismatch;
     a runtime calls it before it is used, and before reporting a failure of its engine (a file
     from another export explains that failure better)."""
 
@@ -300,9 +299,9 @@ def without_glog_lines(*known: str):
 # Logged by Config.enable_mkldnn_bfloat16 whenever it is called on a CPU that has bf16.
 BFLOAT16_INFO = "Hardware support for BFLOAT16 is enabled"
 
-# Paddle 3.3.1's oneDNN bfloat16 placement fuses the reshape that feeds the Gaussian's batched
-# matmul into it and then checks the operands' shapes before the reshape: "the [1] dimension of
-# Input(X) must be equal to the [0] dimension of Input(Y)". Without that fusion every op runs.
+# With bfloat16 on, Paddle 3.3.1's predictor fails to build our graph after this pass has fused a
+# reshape into one of the Gaussian's matmuls: "In operator matmul, the [1] dimension of Input(X)
+# must be equal to the [0] dimension of Input(Y)". Without the pass every op runs, in bf16.
 BFLOAT16_BLOCKED_PASS = "operator_reshape_onednn_fuse_pass"
 
 

@@ -12,7 +12,8 @@ does not install, and this project's own Python (with Paddle) for our rows:
         --pretrained_backbone=random --val=False --save_path /tmp/perf_out
     python export_model.py --model_path /tmp/perf_out/bottle/best.pdparams --save_dir /tmp/perf_out/export
     /tmp/anomalib-venv/bin/python -m tools.compare_anomalib --data_path /work/shared/data/mvtec \\
-        --category bottle --ours_model /tmp/perf_out/export --ours_python "$(command -v python)" \\
+        --category bottle --ours_model /tmp/perf_out/export \\
+        --ours_python "$(python -c 'import sys; print(sys.executable)')" \\
         --json logs/anomalib_bottle_resnet18.json --log logs/anomalib_bottle_resnet18.log
 
 Measured (ResNet18 layer1-3, d=100, 224, random weights: no download), each part --repeats times
@@ -551,7 +552,9 @@ def build_parser():
     parser.add_argument("--ours_model", default=None,
                         help="our export (export_model.py's folder) for infer.py's whole-process rows")
     parser.add_argument("--ours_python", default=None,
-                        help="the Python with Paddle that runs train.py and infer.py (ours rows skipped without it)")
+                        help="the Python with Paddle that runs train.py and infer.py (ours rows skipped without "
+                             "it); give the interpreter itself (sys.executable), not a launcher such as a pyenv "
+                             "shim, whose own start-up would be timed with every run")
     parser.add_argument("--ours_model_file", default=None,
                         help="the model file predict.py loads for the startup rows (default: the source model "
                              "named in --ours_model's metadata)")

@@ -130,7 +130,7 @@ if [ -n "${ANOMALIB_PYTHON:-}" ]; then
     $PY export_model.py --model_path "$OUT/anomalib_ours/bottle/best.pdparams" --save_dir "$OUT/anomalib_ours/export"
     # Its log starts with its own command line.
     "$ANOMALIB_PYTHON" -m tools.compare_anomalib --data_path "$DATA" --category bottle \
-        --ours_model "$OUT/anomalib_ours/export" --ours_python "$(command -v "$PY")" \
+        --ours_model "$OUT/anomalib_ours/export" --ours_python "$($PY -c 'import sys; print(sys.executable)')" \
         --json logs/anomalib_bottle_resnet18.json --log logs/anomalib_bottle_resnet18.log
     fresh logs/anomalib_bottle_resnet18.log logs/anomalib_bottle_resnet18.json
 fi
