@@ -577,7 +577,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args.ours_model and not args.ours_python:
         raise SystemExit("--ours_model needs --ours_python (the Python with Paddle)")
-    if args.ours_python and Path(args.ours_python).resolve() == Path(sys.executable).resolve():
+    # Not resolved: a virtual environment's python is a symbolic link to the interpreter it came from.
+    if args.ours_python and Path(args.ours_python).absolute() == Path(sys.executable).absolute():
         raise SystemExit("--ours_python is this tool's own Python; give the one with Paddle")
     if "startup" in args.parts and args.ours_model and args.ours_model_file is None:
         meta = json.loads((Path(args.ours_model) / "model.meta.json").read_text(encoding="utf-8"))
