@@ -199,7 +199,9 @@ def anomalib_numbers(data: dict) -> dict:
         if isinstance(scoring.get(runtime), dict):
             calls[runtime] = scoring[runtime]
     return {
-        "ours_calls": scoring.get("ours") or {}, "startup": data.get("startup") or {},
+        "ours_calls": {key: value for key, value in (scoring.get("ours") or {}).items()
+                       if isinstance(value, dict) and "latency_b1_ms" in value},
+        "startup": data.get("startup") or {},
         "versions": {k: data[k] for k in ("anomalib", "torch", "openvino", "onnxruntime") if data.get(k)},
         "threads": data.get("threads"), "repeats": data.get("repeats"),
         "fit": data.get("fit") or {}, "fit_large": data.get("fit_large") or {},
