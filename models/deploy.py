@@ -8,13 +8,23 @@ float32, preprocessed as in training) -> (anomaly maps [N,H,W], image scores [N]
 Mahalanobis units.
 
 This module imports nothing from training (no backbone, no PaDiM layer, no dataset): NumPy, the
-model file's schema checks, and Paddle Inference or onnxruntime, imported when a runtime is built.
+model file's schema checks, and Paddle Inference or onnxruntime, loaded when a runtime is built.
+Paddle Inference is loaded on its own where Paddle is not imported yet (``inference_library``):
+its compiled module holds the whole runtime, and ``import paddle`` would add the training,
+distributed and dataset code of the framework before the first image.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
+import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,19 +147,61 @@ def exported_display_range(meta: dict, pixel_threshold: float | None = None) -> 
     return display_range(meta["display"]["vmin"], pixel_threshold)
 
 
-def _check_file(meta: dict, key: str, path: Path) -> None:
-    """``path`` is the file ``meta`` lists under ``key``: same size, then same SHA-256."""
+def _file_record_of(meta: dict, key: str, path: Path) -> dict:
     record = (meta.get("files") or {}).get(key)
     if record is None:
         raise DeployError(f"{metadata_path(path)} lists no {key} file: {path} is not from this export (re-export "
                           f"the model{' with --onnx=True' if key == 'onnx' else ''})")
+    return record
+
+
+def _check_size(meta: dict, key: str, path: Path) -> None:
+    record = _file_record_of(meta, key, path)
     size = path.stat().st_size
     if size != record["bytes"]:
         raise DeployError(f"{path} has {size} bytes, the metadata beside it says {record['bytes']}: files from "
                           f"different exports (re-export the model)")
-    if file_record(path)["sha256"] != record["sha256"]:
-        raise DeployError(f"{path} is not the file its metadata describes (SHA-256 differs): files from different "
-                          f"exports, or a damaged file (re-export the model)")
+
+
+def _digest_error(meta: dict, key: str, path: Path) -> DeployError | None:
+    try:
+        digest = file_record(path)["sha256"]
+    except OSError as exc:
+        return DeployError(f"cannot read {path}: {exc.strerror or exc}")
+    if digest != _file_record_of(meta, key, path)["sha256"]:
+        return DeployError(f"{path} is not the file its metadata describes (SHA-256 differs): files from different "
+                           f"exports, or a damaged file (re-export the model)")
+    return None
+
+
+class FileCheck:
+    """The exported files against their metadata: sizes at once, SHA-256 in a thread while the
+    engine loads them (hashlib releases the GIL, so the hash is off the way to the first image). ``result()`` waits for it and raises the DeployError of the first mismatch;
+    a runtime calls it before it is used, and before reporting a failure of its engine (a file
+    from another export explains that failure better)."""
+
+    def __init__(self, meta: dict | None, files: list[tuple[str, Path]]):
+        self._error = None
+        self._thread = None
+        if meta is None:
+            return
+        for key, path in files:
+            _check_size(meta, key, path)
+        self._thread = threading.Thread(target=self._hash, args=(meta, files), name="padim-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self, meta: dict, files: list) -> None:
+        for key, path in files:
+            self._error = _digest_error(meta, key, path)
+            if self._error is not None:
+                return
+
+    def result(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
 
 
 def finite_results(maps: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -163,6 +215,94 @@ def non_finite_error(failed: int, total: int) -> NonFiniteOutputError:
     """The error a script raises at the end of a run in which ``failed`` images had no verdict."""
     return NonFiniteOutputError(f"{failed} of {total} image(s) got a NaN or infinite anomaly map or score and no "
                                 f"verdict: the model or its parameters are damaged (refit or re-export it)")
+
+
+# --------------------------------------------------------------------------- Paddle Inference
+
+_LIBRARY_MODULE = "paddle.base.libpaddle"
+
+
+def inference_library():
+    """Paddle Inference's bindings (Config = ``AnalysisConfig``, ``create_predictor``, tensor
+    handles): ``paddle.base.core`` once Paddle is imported; before that, Paddle's compiled module
+    alone, registered under its package name so that a later ``import paddle`` in this process
+    takes the same copy. Where it cannot be loaded alone, Paddle is imported."""
+    for name in ("paddle.base.core", _LIBRARY_MODULE):
+        if name in sys.modules:
+            return sys.modules[name]
+    # Intel OpenMP's threads spin for 200 ms after each parallel region before they sleep; with
+    # threads decoding the next batch on the same cores, that spinning takes their CPU. One
+    # millisecond still spans the gaps between the ops of one run. Read when OpenMP starts, so
+    # only where nothing has started it yet; a value the user set is kept.
+    os.environ.setdefault("KMP_BLOCKTIME", "1")
+    library = _load_compiled_module()
+    if library is None:
+        from paddle.base import core
+
+        return core
+    return library
+
+
+def _load_compiled_module():
+    """``libpaddle`` from the installed paddle package without running the package (None where
+    it is not found or does not load that way), with the FLAGS_* environment variables read and
+    glog set up as ``import paddle`` does (both can be done again by a later import)."""
+    spec = importlib.util.find_spec("paddle")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "base"
+    candidates = [folder / f"libpaddle{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        return None
+    try:
+        module_spec = importlib.util.spec_from_file_location(_LIBRARY_MODULE, path)
+        library = importlib.util.module_from_spec(module_spec)
+        sys.modules[_LIBRARY_MODULE] = library
+        module_spec.loader.exec_module(library)
+        flags = [name[len("FLAGS_"):] for name in library.globals().keys() if name.startswith("FLAGS_")]
+        library.init_gflags(["--tryfromenv=" + ",".join(flags)])
+        library.init_glog(sys.argv[0] if sys.argv and sys.argv[0] else "padim")
+    except (ImportError, OSError, AttributeError, RuntimeError):
+        for name in [name for name in sys.modules if name.startswith(_LIBRARY_MODULE)]:
+            del sys.modules[name]
+        return None
+    return library
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether oneDNN can run bfloat16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    return bool(inference_library().supports_bfloat16())
+
+
+@contextlib.contextmanager
+def without_glog_lines(*known: str):
+    """Capture file descriptor 2 (glog writes there, not to sys.stderr) and pass on every line
+    but those containing one of ``known``: Paddle's messages that say nothing a user can act on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(text in line for text in known):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+# Logged by Config.enable_mkldnn_bfloat16 whenever it is called on a CPU that has bf16.
+BFLOAT16_INFO = "Hardware support for BFLOAT16 is enabled"
+
+# With bfloat16 on, Paddle 3.3.1's predictor fails to build our graph after this pass has fused a
+# reshape into one of the Gaussian's matmuls: "In operator matmul, the [1] dimension of Input(X)
+# must be equal to the [0] dimension of Input(Y)". Without the pass every op runs, in bf16.
+BFLOAT16_BLOCKED_PASS = "operator_reshape_onednn_fuse_pass"
 
 
 # --------------------------------------------------------------------------- runtimes
@@ -186,12 +326,12 @@ def gpu_available(use_gpu: bool, logger: logging.Logger | None = None) -> bool:
     """True when the GPU was asked for and this Paddle build can use one; else one warning."""
     if not use_gpu:
         return False
-    import paddle
-
     logger = logger or LOGGER
-    if not paddle.device.is_compiled_with_cuda():
+    if not inference_library().is_compiled_with_cuda():
         logger.warning("warning: --use_gpu=True but this Paddle build has no CUDA: running on CPU")
         return False
+    import paddle
+
     if paddle.device.cuda.device_count() == 0:
         logger.warning("warning: --use_gpu=True but no GPU is visible: running on CPU")
         return False
@@ -233,8 +373,6 @@ class PaddleInferenceModel(Predictor):
 
     def __init__(self, model_file, params_file=None, settings: InferenceSettings | None = None,
                  meta: dict | None = None, logger: logging.Logger | None = None, n_outputs: int | None = 2):
-        from paddle import inference
-
         self.logger = logger or LOGGER
         self.settings = settings or InferenceSettings()
         model_file = Path(model_file)
@@ -242,13 +380,12 @@ class PaddleInferenceModel(Predictor):
         for path, what in ((model_file, "inference model"), (params_file, "parameters file")):
             if not path.is_file():
                 raise DeployError(f"{what} not found: {path} (run export_model.py first)")
-        if meta is not None:
-            _check_file(meta, "model", model_file)
-            _check_file(meta, "params", params_file)
         self.model_file, self.params_file = model_file, params_file
         s = self.settings
         if s.precision not in PRECISIONS:
             raise DeployError(f"precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
+        files = FileCheck(meta, [("model", model_file), ("params", params_file)])
+        library = inference_library()
         self.use_gpu = gpu_available(s.use_gpu, self.logger)
         self.use_tensorrt = bool(s.use_tensorrt and self.use_gpu)
         if s.use_tensorrt and not self.use_gpu:
@@ -257,7 +394,7 @@ class PaddleInferenceModel(Predictor):
         self.memory_optim = model_file.suffix == LEGACY_SUFFIX
         want_bf16 = False
         if not self.use_gpu and s.precision != "fp32":
-            if s.precision == "fp16" and s.enable_mkldnn and _cpu_supports_bf16():
+            if s.precision == "fp16" and s.enable_mkldnn and cpu_supports_bfloat16():
                 want_bf16 = True
             else:
                 reason = ("fp16 on CPU means oneDNN bfloat16, which needs --enable_mkldnn=True and a CPU with "
@@ -265,20 +402,23 @@ class PaddleInferenceModel(Predictor):
                 self.logger.warning(f"warning: --precision {s.precision}: {reason}; running fp32")
         self.predictor = None
         if want_bf16:
-            self.config = self._config(inference, True)
+            self.config = self._config(library, True)
             try:
-                self.predictor = inference.create_predictor(self.config)
+                self.predictor = library.create_predictor(self.config)
                 self.bfloat16 = True
             except (ValueError, RuntimeError) as exc:
+                files.result()
                 self.logger.warning(f"warning: Paddle Inference cannot run this graph in oneDNN bfloat16 "
                                     f"({first_line(exc)}); running fp32")
         if self.predictor is None:
-            self.config = self._config(inference, False)
+            self.config = self._config(library, False)
             try:
-                self.predictor = inference.create_predictor(self.config)
+                self.predictor = library.create_predictor(self.config)
             except (ValueError, RuntimeError, OSError) as exc:
+                files.result()
                 raise DeployError(f"Paddle Inference cannot load {model_file} with {params_file.name}: "
                                   f"{first_line(exc)}") from None
+        files.result()
         self.input_name = self.predictor.get_input_names()[0]
         names = list(self.predictor.get_output_names())
         if meta is not None:
@@ -291,19 +431,21 @@ class PaddleInferenceModel(Predictor):
             raise DeployError(f"{model_file} has {len(names)} outputs, expected {n_outputs} (map, score)")
         self.output_names = names
         self._input = self.predictor.get_input_handle(self.input_name)
+        # paddle.inference wraps this binding in a type check; loaded alone, the binding is all there is.
+        self._copy_in = getattr(self._input, "copy_from_cpu", None) or self._input._copy_from_cpu_bind
         self._outputs = [self.predictor.get_output_handle(name) for name in names]
 
-    def _config(self, inference, bfloat16: bool):
+    def _config(self, library, bfloat16: bool):
         s = self.settings
-        config = inference.Config(str(self.model_file), str(self.params_file))
+        config = library.AnalysisConfig(str(self.model_file), str(self.params_file))
+        precisions = library.AnalysisConfig.Precision
         if self.use_gpu:
             if s.precision == "fp16" and not self.use_tensorrt:
-                config.enable_use_gpu(int(s.gpu_mem), int(s.gpu_id), inference.PrecisionType.Half)
+                config.enable_use_gpu(int(s.gpu_mem), int(s.gpu_id), precisions.Half)
             else:
                 config.enable_use_gpu(int(s.gpu_mem), int(s.gpu_id))
             if self.use_tensorrt:
-                precision = {"fp32": inference.PrecisionType.Float32, "fp16": inference.PrecisionType.Half,
-                             "int8": inference.PrecisionType.Int8}[s.precision]
+                precision = {"fp32": precisions.Float32, "fp16": precisions.Half, "int8": precisions.Int8}[s.precision]
                 config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=int(s.batch_size),
                                               min_subgraph_size=3, precision_mode=precision,
                                               use_static=False, use_calib_mode=s.precision == "int8")
@@ -314,7 +456,9 @@ class PaddleInferenceModel(Predictor):
                 config.set_mkldnn_cache_capacity(int(s.mkldnn_cache_capacity))
                 config.enable_mkldnn()
                 if bfloat16:
-                    config.enable_mkldnn_bfloat16()
+                    with without_glog_lines(BFLOAT16_INFO):
+                        config.enable_mkldnn_bfloat16()
+                    config.delete_pass(BFLOAT16_BLOCKED_PASS)
             else:
                 config.disable_mkldnn()
         config.switch_ir_optim(bool(s.ir_optim))
@@ -328,7 +472,7 @@ class PaddleInferenceModel(Predictor):
 
     def run(self, images: np.ndarray) -> tuple:
         self._input.reshape(list(images.shape))
-        self._input.copy_from_cpu(images)
+        self._copy_in(images)
         self.predictor.run()
         return tuple(handle.copy_to_cpu() for handle in self._outputs)   # (map, score) for our graphs
 
@@ -358,12 +502,6 @@ def _onnxruntime_load_errors() -> tuple:
     return tuple(getattr(state, name) for name in names if hasattr(state, name)) + (RuntimeError, ValueError)
 
 
-def _cpu_supports_bf16() -> bool:
-    from paddle.base import core
-
-    return bool(core.supports_bfloat16())
-
-
 class OnnxModel(Predictor):
     """The exported ``model.onnx`` under onnxruntime."""
 
@@ -380,8 +518,7 @@ class OnnxModel(Predictor):
         onnx_file = Path(onnx_file)
         if not onnx_file.is_file():
             raise DeployError(f"ONNX model not found: {onnx_file} (export it with export_model.py --onnx=True)")
-        if meta is not None:
-            _check_file(meta, "onnx", onnx_file)
+        files = FileCheck(meta, [("onnx", onnx_file)])
         self.model_file = onnx_file
         providers = ["CPUExecutionProvider"]
         self.use_gpu = False
@@ -402,7 +539,9 @@ class OnnxModel(Predictor):
         try:
             self.session = ort.InferenceSession(str(onnx_file), sess_options=options, providers=providers)
         except _onnxruntime_load_errors() as exc:
+            files.result()
             raise DeployError(f"onnxruntime cannot load {onnx_file}: {first_line(exc)}") from None
+        files.result()
         self.input_name = self.session.get_inputs()[0].name
         names = [output.name for output in self.session.get_outputs()]
         if meta is not None and meta.get("onnx"):

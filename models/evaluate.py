@@ -1,13 +1,14 @@
 """Evaluate a fitted model on a category's test split: what val.py and train.py --val run."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from datasets.mvtec import MVTecDataset, read_rgb
+from datasets.mvtec import MVTecDataset
 from models.calibration import VERDICT_SOURCES, verdict_metrics
 from models.deploy import finite_results, non_finite_error
 from models.model_file import ModelFileError, load_model, update_meta
@@ -15,6 +16,8 @@ from models import distributed
 from models.pipeline import ScoredSet, build_model, dataset_shard, score_dataset
 from utils.evaluation import compute_metrics, roc_curves, write_metrics, write_scores_csv
 from utils.logger import get_logger
+from utils.numbers import available_cpus
+from utils.pictures import PictureWriter
 
 
 def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
@@ -29,6 +32,10 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     ``<save_path>/<category>/``. ``model_id`` (train.py's own fit): the file must still hold
     that model.
 
+    The figures are drawn by worker processes (utils.pictures.PictureWriter), started here so
+    that their start-up overlaps the scoring, from the crops the scoring kept; the ROC plot is
+    drawn in this process meanwhile.
+
     Under paddle.distributed.launch (``ranks`` None: read from the launcher's environment;
     ``distributed.SINGLE``: this process evaluates the whole category alone) each rank scores its
     shard of the test split, rank 0 computes the metrics from all images and writes the results
@@ -37,6 +44,16 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     if verdicts not in VERDICT_SOURCES:
         raise ValueError(f"verdicts must be one of {', '.join(VERDICT_SOURCES)}, got {verdicts!r}")
     ranks = distributed.context() if ranks is None else ranks
+    # One worker per CPU (shared by the ranks on a machine): by the time figures are drawn, the
+    # scoring is over and this process only writes files and the ROC plot.
+    workers = max(1, available_cpus() // ranks.world_size)
+    with (PictureWriter(workers=workers) if save_picture else contextlib.nullcontext()) as pictures:
+        return _evaluate(model_path, data_root, category, save_path, batch_size, num_workers, pictures,
+                         expected_backbone, seed, logger, static_graph, model_id, verdicts, ranks)
+
+
+def _evaluate(model_path, data_root, category, save_path, batch_size, num_workers, pictures: PictureWriter | None,
+              expected_backbone, seed, logger, static_graph, model_id, verdicts, ranks) -> dict | None:
     out_dir = Path(save_path) / category
     logger = logger or get_logger(out_dir / "val.log" if ranks.rank == 0 else None)
     model_file = load_model(model_path, expected_backbone)
@@ -50,23 +67,26 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     print(f"Testing model for {category}")
     logger.info("Starting eval model...")
     model = build_model(model_file)
-    scored, indices = score_test_split(model, dataset, ranks, batch_size, num_workers, static_graph)
+    scored, indices = score_test_split(model, dataset, ranks, batch_size, num_workers, static_graph,
+                                       keep_images=pictures is not None)
     everything = gathered_on_rank0(scored, dataset, ranks)
     metrics = distributed.finalize_on_rank0(
         lambda: write_results(everything, meta, model_path, data_root, category, out_dir, logger, verdicts),
         "writing the results", ranks=ranks)
-    if save_picture:
+    if pictures is not None:
         # the figures share rank 0's pixel threshold and colour scale
         shown = np.array([metrics["pixel_threshold"], *meta.display_range()]) if ranks.rank == 0 else None
         if ranks.is_distributed:
             shown = distributed.broadcast_from_rank0(shown)
         with distributed.step("drawing the figures", ranks=ranks) as peers:
-            draw_figures(out_dir, category, meta, dataset, scored, indices, *shown, check=peers.check)
+            submit_figures(pictures, out_dir, category, scored, indices, *shown)
             if ranks.rank == 0:
                 from utils.visualize import plot_roc
                 plot_roc(out_dir / "roc_curve.png",
                          roc_curves(everything.maps, everything.scores, everything.masks, everything.labels, metrics),
                          f"{category} ({meta.backbone})")
+            peers.check()
+            pictures.close(progress=f"| figures | {category} |")
         if ranks.rank == 0:
             logger.info(f"Saved {len(dataset)} figures and roc_curve.png in {out_dir}")
     return metrics
@@ -108,32 +128,28 @@ def write_results(scored: ScoredSet, meta, model_path, data_root, category, out_
     return metrics
 
 
-def draw_figures(out_dir: Path, category: str, meta, dataset: MVTecDataset, scored: ScoredSet, indices,
-                 pixel_threshold: float, vmin: float, vmax: float, check=None) -> None:
-    """The figure ``<category>_<i>.png`` of each scored image, ``i`` its index in the test split
-    (``indices``)."""
-    from tqdm import tqdm
-
-    from utils.visualize import plot_panels
-    for position, (i, sample) in enumerate(tqdm(list(zip(indices, scored.samples)), desc=f"| figures | {category} |")):
-        if check is not None:
-            check()
-        image = dataset.transform.to_display(read_rgb(sample.path))
+def submit_figures(pictures: PictureWriter, out_dir: Path, category: str, scored: ScoredSet, indices,
+                   pixel_threshold: float, vmin: float, vmax: float) -> None:
+    """Queue the figure ``<category>_<i>.png`` of each scored image (``scored.images``, the crops
+    kept by the scoring), ``i`` its index in the test split (``indices``)."""
+    pictures.max_pending = max(pictures.max_pending, len(scored.samples))   # every figure queued at once
+    for position, (i, sample) in enumerate(zip(indices, scored.samples)):
         title = f"{sample.defect_type}/{Path(sample.path).name}  score {scored.scores[position]:.2f}"
-        plot_panels(out_dir / f"{category}_{i}.png", image, scored.maps[position], pixel_threshold,
-                    vmin, vmax, ground_truth=scored.masks[position].astype(np.float32), title=title)
+        pictures.submit(out_dir / f"{category}_{i}.png", scored.images[position], scored.maps[position],
+                        pixel_threshold, vmin, vmax, ground_truth=scored.masks[position], title=title)
 
 
 # ---- data parallelism
 
 def score_test_split(model, dataset: MVTecDataset, ranks: distributed.Context, batch_size: int, num_workers: int,
-                     static_graph: bool) -> tuple[ScoredSet, list[int]]:
+                     static_graph: bool, keep_images: bool = False) -> tuple[ScoredSet, list[int]]:
     """(this rank's scored images, their indices in the test split): its shard when ``ranks`` is
-    distributed (``dataset_shard``), else all. Every rank waits for the others at the end (a
-    step), and stops early when one fails."""
+    distributed (``dataset_shard``), else all; ``keep_images`` as score_dataset. Every rank waits
+    for the others at the end (a step), and stops early when one fails."""
     shard, indices = dataset_shard(dataset, ranks, "test images")
     with distributed.step("scoring", ranks=ranks) as peers:
-        scored = score_dataset(model, shard, batch_size, num_workers, static_graph=static_graph, check=peers.check)
+        scored = score_dataset(model, shard, batch_size, num_workers, static_graph=static_graph,
+                               keep_images=keep_images, check=peers.check)
         finite = finite_results(scored.maps, scored.scores)
         if not finite.all():
             raise non_finite_error(int((~finite).sum()), len(finite))

@@ -20,7 +20,6 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import ThreadpoolController
 
 from utils.numbers import available_cpus
@@ -482,6 +481,20 @@ def bilinear_matrix(source: int, target: int) -> np.ndarray:
     return matrix
 
 
+def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """[size, size]: scipy.ndimage.gaussian_filter1d's blur of a column (weights exp(-x²/2σ²)
+    over |x| <= int(truncate·σ + 0.5), normalised; mode 'reflect': d c b a | a b c d | d c b a)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 / float(sigma) ** 2 * offsets.astype(np.float64) ** 2)
+    weights /= weights.sum()
+    source = (np.arange(size)[:, None] + offsets) % (2 * size)
+    source = np.where(source >= size, 2 * size - 1 - source, source)
+    matrix = np.zeros((size, size), dtype=np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(size), len(offsets)), source.ravel()), np.tile(weights, size))
+    return matrix
+
+
 def smoothing_matrix(source: int, target: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
     """[target, source]: bilinear upsampling then scipy's Gaussian blur (reflect, truncate 4).
 
@@ -491,8 +504,7 @@ def smoothing_matrix(source: int, target: int, sigma: float = DEFAULT_SIGMA) -> 
     upsample = bilinear_matrix(source, target)
     if sigma <= 0:
         return upsample
-    blur = gaussian_filter1d(np.eye(target), sigma, axis=0, mode="reflect", truncate=4.0)
-    return blur @ upsample
+    return blur_matrix(target, sigma) @ upsample
 
 
 class AnomalyMap(nn.Layer):

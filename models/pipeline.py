@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import paddle
-from tqdm import tqdm
 
 from datasets.mvtec import IMAGENET_MEAN, IMAGENET_STD, DataError, MVTecDataset, iterate_batches
 from models import distributed
@@ -123,6 +122,8 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
     rank streams its ``dataset_shard`` and the sums meet (``sum_fit_over_ranks``): rank 0
     finalizes, calibrates and returns the model file, the others return (None, their own report).
     ``distributed.SINGLE``: this process fits the whole category alone."""
+    from tqdm import tqdm
+
     ranks = distributed.context() if ranks is None else ranks
     seed_everything(seed)
     backbone = build_backbone(backbone_name, weights)
@@ -298,7 +299,7 @@ def build_model(model_file: ModelFile, release_arrays: bool = True) -> PaDiM:
     """The PaDiM layer of a loaded model file. With ``release_arrays`` the host copies of the
     Gaussian are dropped once they are on the device (WR50's whitening is 3.8 GB)."""
     meta = model_file.meta
-    backbone = build_backbone(meta.backbone, "random")
+    backbone = build_backbone(meta.backbone, None)
     set_backbone_state(backbone, model_file.backbone_state, source=str(model_file.path))
     if [int(c) for c in backbone.channels] != meta.channels:
         raise ModelFileError(f"{model_file.path}: {meta.backbone}'s stages have {backbone.channels} channels, the "
@@ -335,6 +336,7 @@ class ScoredSet:
     masks: np.ndarray       # [N,H,W] bool ground truth
     labels: np.ndarray      # [N] 0/1
     samples: list
+    images: np.ndarray | None = None    # [N,H,W,3] uint8 crops as shown in figures (keep_images)
 
 
 # The Gaussian goes into the static graph's parameters, a second copy while the predictor loads;
@@ -360,11 +362,15 @@ def model_scorer(model: PaDiM, static_graph: bool = True):
 
 
 def score_dataset(model: PaDiM, dataset: MVTecDataset, batch_size: int = 32, num_workers: int = 2,
-                  progress: bool = True, static_graph: bool = True,
+                  progress: bool = True, static_graph: bool = True, keep_images: bool = False,
                   check: Callable[[], None] | None = None) -> ScoredSet:
-    """``check()``, if given, runs before each batch (``distributed.step``'s: stop when another rank failed)."""
+    """Every image of ``dataset`` scored in batches. ``keep_images``: also the uint8 crops the
+    batches were normalised from (for figures, without decoding the images again). ``check()``,
+    if given, runs before each batch (``distributed.step``'s: stop when another rank failed)."""
+    from tqdm import tqdm
+
     score = model_scorer(model, static_graph)
-    maps, scores, masks, samples = [], [], [], []
+    maps, scores, masks, samples, images = [], [], [], [], []
     total = (len(dataset) + batch_size - 1) // batch_size
     for batch in tqdm(iterate_batches(dataset, batch_size, num_workers), total=total, disable=not progress,
                       desc=f"| feature extraction | {dataset.split} | {dataset.category} |"):
@@ -375,5 +381,10 @@ def score_dataset(model: PaDiM, dataset: MVTecDataset, batch_size: int = 32, num
         scores.append(image_score)
         masks.append(batch.masks)
         samples.extend(batch.samples)
+        if keep_images:
+            from utils.pictures import display_crops
+
+            images.append(display_crops(batch.images, dataset.transform.mean, dataset.transform.std))
     labels = np.asarray([s.label for s in samples], dtype=np.int64)
-    return ScoredSet(np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), labels, samples)
+    return ScoredSet(np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), labels, samples,
+                     np.concatenate(images) if keep_images else None)

@@ -395,3 +395,80 @@ def test_export_refuses_a_model_with_non_finite_values(model_path, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mean holds NaN or infinite values" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+LEAN_RUN = """
+import json, sys
+import numpy as np
+from models.deploy import InferenceSettings, open_deployed
+deployed = open_deployed(sys.argv[1], settings=InferenceSettings(enable_mkldnn=True))
+maps, scores = deployed.runtime(np.load(sys.argv[2]))
+loaded = sorted({name.split(".")[0] + "." + name.split(".")[1] if "." in name else name
+                 for name in sys.modules if name.split(".")[0] == "paddle"})
+import paddle                                   # the whole framework still imports afterwards
+eager = float(paddle.to_tensor(np.ones(3, np.float32)).sum())
+np.savez(sys.argv[3], maps=maps, scores=scores)
+print(json.dumps({"loaded": loaded, "eager": eager}))
+"""
+
+
+def test_runtime_runs_without_importing_paddle(exported, reference, tmp_path):
+    """infer.py's runtime loads Paddle's compiled module alone: no paddle package code runs, the
+    answers are the dynamic model's, and `import paddle` works after it in the same process."""
+    batch, expected_maps, expected_scores = reference
+    np.save(tmp_path / "batch.npy", batch[:3])
+    result = subprocess.run([sys.executable, "-c", LEAN_RUN, str(exported / "model.json"), str(tmp_path / "batch.npy"),
+                             str(tmp_path / "out.npz")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == ["paddle.base"] and report["eager"] == 3.0   # only paddle.base.libpaddle*
+    out = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(out["maps"], expected_maps[:3], rtol=RTOL)
+    np.testing.assert_allclose(out["scores"], expected_scores[:3], rtol=RTOL)
+
+
+def test_bfloat16_on_a_cpu_that_has_it_else_fp32_with_a_warning(exported, reference, monkeypatch, logged):
+    import models.deploy as deploy
+    batch, _, expected_scores = reference
+    settings = deploy.InferenceSettings(enable_mkldnn=True, precision="fp16")
+    if deploy.cpu_supports_bfloat16():
+        runtime = deploy.open_deployed(exported / "model.json", settings=settings).runtime
+        assert runtime.precision == "bf16"
+        _, scores = run_predictions(runtime, batch[:8], 8)
+        np.testing.assert_allclose(scores, expected_scores[:8], rtol=0.1)     # bf16: a few percent
+    monkeypatch.setattr(deploy, "cpu_supports_bfloat16", lambda: False)
+    runtime = deploy.open_deployed(exported / "model.json", settings=settings).runtime
+    assert runtime.precision == "fp32" and any("running fp32" in line for line in logged)
+    _, scores = run_predictions(runtime, batch[:4], 4)
+    np.testing.assert_allclose(scores, expected_scores[:4], rtol=RTOL)
+
+
+def test_bfloat16_engine_failure_falls_back_to_fp32(exported, reference, monkeypatch, logged):
+    """Where Paddle Inference cannot build the bf16 engine, one warning and the fp32 engine."""
+    import models.deploy as deploy
+    batch, _, expected_scores = reference
+    library = deploy.inference_library()
+    real_create = library.create_predictor
+
+    bfloat16_asked = False
+    real_config = deploy.PaddleInferenceModel._config
+
+    def config_spy(self, lib, bfloat16):
+        nonlocal bfloat16_asked
+        bfloat16_asked = bfloat16
+        return real_config(self, lib, bfloat16)
+
+    def refuse_bfloat16(config):
+        if bfloat16_asked:
+            raise RuntimeError("(InvalidArgument) In operator matmul, the [1] dimension of Input(X) must be equal")
+        return real_create(config)
+
+    monkeypatch.setattr(deploy, "cpu_supports_bfloat16", lambda: True)
+    monkeypatch.setattr(deploy.PaddleInferenceModel, "_config", config_spy)
+    monkeypatch.setattr(library, "create_predictor", refuse_bfloat16)
+    runtime = deploy.open_deployed(exported / "model.json",
+                                   settings=deploy.InferenceSettings(enable_mkldnn=True, precision="fp16")).runtime
+    assert runtime.precision == "fp32"
+    assert any("cannot run this graph in oneDNN bfloat16" in line and "running fp32" in line for line in logged)
+    _, scores = run_predictions(runtime, batch[:4], 4)
+    np.testing.assert_allclose(scores, expected_scores[:4], rtol=RTOL)

@@ -103,9 +103,43 @@ def test_anomalib_new_layout(logs):
     assert "| fit, whole process / peak RSS | 9.50 s / 1.00 GiB | 20.00 s / 2.00 GiB |" in text
     assert "15.6 ms/img (64.0 img/s)" in text
     assert "| 4.50 s (infer.py) |  | 3.00 s | 3.50 s |" in text
-    assert "| same, with pictures | 6.00 s (infer.py) |" in text
+    assert "| same, with pictures | 6.00 s (infer.py fp32, 1.33× the time without) |" in text
     story = "\n".join(doc.story(doc.Logs(logs)))
     assert "took 4.50 s; a lean process running anomalib's OpenVINO export 3.00 s (1.50×)" in story
+
+
+def test_anomalib_layout_with_precisions_and_startup(logs):
+    """Our model calls in fp32 and bf16, OpenVINO's default (bf16) and f32, the bf16 differences,
+    the whole-process runs in both precisions and predict.py against import paddle."""
+    call = {"latency_b1_ms": 10.0, "latency_b1_mean_ms": 12.0, "throughput_b32": 100.0}
+    data = {"anomalib": "2.7.0", "openvino": "2025.1", "threads": 2, "repeats": 3, "batch_size": 8,
+            "scoring": {"n_train": 209, "n_test": 83,
+                        "openvino": dict(call, inference_precision="bf16"),
+                        "openvino_fp32": dict(call, latency_b1_ms=20.0, inference_precision="f32"),
+                        "ours": {"fp32": dict(call, precision="fp32", latency_b1_ms=16.0),
+                                 "bf16": dict(call, precision="bf16", latency_b1_ms=8.0, throughput_b32=250.0,
+                                              score_max_relative_difference=0.0296,
+                                              map_max_difference_over_peak=0.2555)}},
+            "whole": {"anomalib_openvino": {"seconds": 2.0}, "anomalib_openvino_fp32": {"seconds": 2.5},
+                      "ours_infer": {"seconds": 3.0, "n_images": 83}, "ours_infer_bf16": {"seconds": 2.2},
+                      "ours_infer_pictures": {"seconds": 4.5}},
+            "startup": {"import_paddle": {"seconds": 1.0}, "predict_one": {"seconds": 1.5}}}
+    (logs / "anomalib_bottle_resnet18.json").write_text(json.dumps(data))
+    table = "\n".join(doc.anomalib_section(doc.Logs(logs)))
+    story = "\n".join(doc.story(doc.Logs(logs)))
+    expected_in_table = [
+        "| bottle, ResNet18 | ours | anomalib OpenVINO |",            # columns without a number are left out
+        "| model call, batch 1 (median / mean) | fp32: 16.0 / 12.0 ms; bf16: 8.0 / 12.0 ms | "
+        "bf16: 10.0 / 12.0 ms; f32: 20.0 / 12.0 ms |",
+        "bf16: 4.0 ms/img (250.0 img/s)", "| 2.96% / 25.55% |",
+        "| fp32 3.00 s; bf16 2.20 s (infer.py) | bf16 2.00 s; f32 2.50 s |", "| 1.50 s / 1.00 s (1.50×) |"]
+    expected_in_story = [
+        "took 3.00 s; a lean process running anomalib's OpenVINO export 2.00 s (1.50×)",
+        "asked for f32, OpenVINO took 2.50 s (1.20× for infer.py)", "took 2.20 s (1.10×)",
+        "took 1.50 s as a whole process", "took 1.00 s (1.50×)",
+        "differed from fp32's by up to 3.0%", "up to 25.6% of its peak"]
+    assert [line for line in expected_in_table if line not in table] == []
+    assert [line for line in expected_in_story if line not in story] == []
 
 
 def test_readme_block_replaced_and_check(logs, tmp_path):
@@ -124,3 +158,36 @@ def test_readme_block_replaced_and_check(logs, tmp_path):
 def test_commands_name_no_revision():
     assert doc.shown_command("python -m tools.alternate_fit --old 4d90727 --rounds 3") == \
         "python -m tools.alternate_fit --old <baseline revision> --rounds 3"
+
+
+def test_compare_anomalib_result_renders_in_its_table_and_on_the_page(logs):
+    """One result as tools.compare_anomalib builds it (worker records carry their process's time
+    and peak RSS beside the timings) renders in the tool's own table and on the page."""
+    from argparse import Namespace
+
+    from tools import compare_anomalib
+    call = {"latency_b1_ms": 10.0, "latency_b1_mean_ms": 12.0, "throughput_b32": 100.0}
+    process = {"process_seconds": 7.5, "process_peak_rss": 2 ** 30}
+    fit = {"n_images": 209, "seconds": 8.0, "extraction_seconds": 6.0, "gaussian_seconds": 1.0, "peak_rss": 2 ** 31,
+           **process}
+    result = {
+        "anomalib": "2.7.0", "threads": 2, "repeats": 3, "batch_size": 8, "fit": fit,
+        "fit_large": dict(fit, n_images=836), "ours_fit": {"seconds": 9.0, "peak_rss": 2 ** 30},
+        "scoring": {"n_train": 209, "n_test": 83, "gaussian_fit_seconds": 1.0, "gaussian_score_seconds": 0.1,
+                    "gaussian_seconds": 1.1, "eager": call, "onnxruntime": dict(call, precision="fp32"),
+                    "openvino": dict(call, inference_precision="bf16"),
+                    "openvino_fp32": dict(call, inference_precision="f32"), **process,
+                    "ours": {"fp32": dict(call, precision="fp32"),
+                             "bf16": dict(call, precision="bf16", score_max_relative_difference=0.03,
+                                          map_max_difference_over_peak=0.25), **process}},
+        "whole": {name: {"seconds": 2.0 + i, "peak_rss": 2 ** 29} for i, name in enumerate(compare_anomalib.WHOLE_RUNS)},
+        "startup": {"import_paddle": {"seconds": 1.0, "peak_rss": 2 ** 28},
+                    "predict_one": {"seconds": 1.4, "peak_rss": 2 ** 29}}}
+    rows = dict(compare_anomalib.table_rows(result, Namespace(batch_size=8)))
+    assert rows["ours: Paddle Inference, oneDNN, bf16 (bf16): batch 1 median / mean, batch 32"] == \
+        "10.0 / 12.0 ms, 10.0 ms/img (100.0 img/s)"
+    assert rows["ratio: predict.py one image / import paddle"] == "1.40x"
+    assert rows["ratio: ours: infer.py fp32, pictures on / ours: infer.py fp32, pictures off"] == "1.40x"   # 7 s / 5 s
+    (logs / "anomalib_bottle_resnet18.json").write_text(json.dumps(result))
+    table = "\n".join(doc.anomalib_section(doc.Logs(logs)))
+    assert "fp32: 10.0 / 12.0 ms; bf16: 10.0 / 12.0 ms" in table and "| 1.40 s / 1.00 s (1.40×) |" in table

@@ -12,24 +12,29 @@ does not install, and this project's own Python (with Paddle) for our rows:
         --pretrained_backbone=random --val=False --save_path /tmp/perf_out
     python export_model.py --model_path /tmp/perf_out/bottle/best.pdparams --save_dir /tmp/perf_out/export
     /tmp/anomalib-venv/bin/python -m tools.compare_anomalib --data_path /work/shared/data/mvtec \\
-        --category bottle --ours_model /tmp/perf_out/export --ours_python "$(command -v python)" \\
+        --category bottle --ours_model /tmp/perf_out/export \\
+        --ours_python "$(python -c 'import sys; print(sys.executable)')" \\
         --json logs/anomalib_bottle_resnet18.json --log logs/anomalib_bottle_resnet18.log
 
 Measured (ResNet18 layer1-3, d=100, 224, random weights: no download), each part --repeats times
-in fresh processes, the parts interleaved, the medians reported:
+in fresh processes, the parts interleaved, the medians reported (--parts picks some):
   fit        anomalib's training loop in a fresh process (decode + feature extraction + its
              Gaussian fit: a memory bank of all embeddings, then the covariance), images/s,
              peak RSS, the whole process (start to exit), and peak RSS with --rss_scale times
              more images; our train.py on the same category as a whole process;
   scoring    the Gaussian fit alone and anomalib's distance on the test embeddings; the model
              called in eager PyTorch, through its ONNX export under onnxruntime and its OpenVINO
-             export under OpenVINO's defaults (bf16 where the CPU has it): batch-1 latency
-             (median and mean over the test images) and batch-32 throughput, preprocessing
-             excluded, all taking the same normalised arrays;
-  whole      a lean process that loads anomalib's OpenVINO (or ONNX) export and scores every
-             test image in batches of --batch_size, decoding included, nothing drawn, timed from
-             process start to exit; our infer.py on --ours_model the same way, without and with
-             its pictures.
+             export under OpenVINO's defaults (bf16 where the CPU has it) and in f32: batch-1
+             latency (median and mean over the test images) and batch-32 throughput,
+             preprocessing excluded, all taking the same normalised arrays; our export the same
+             way under Paddle Inference (oneDNN) in fp32 and in bf16 (--precision fp16), with the
+             largest relative difference of bf16's maps and scores from fp32's;
+  whole      a lean process that loads anomalib's OpenVINO (default precision, and f32) or ONNX
+             export and scores every test image in batches of --batch_size, decoding included,
+             nothing drawn, timed from process start to exit; our infer.py on --ours_model the
+             same way, in fp32 and in bf16, and in fp32 with its pictures;
+  startup    predict.py on one test image, picture included, against a bare `import paddle`,
+             both in fresh processes (--startup_runs each per repeat, interleaved).
 anomalib's exports are made once per run with its own API (to_onnx, to_openvino) from a model
 fitted on the category's training images. Images are read and preprocessed by this project's
 datasets.mvtec (NumPy and PIL only), so every runtime sees identical arrays.
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -57,8 +63,10 @@ from utils.files import write_text_atomically  # noqa: E402
 
 BATCH = 32
 RESULT_TAG = "ANOMALIB_RESULT "
-PARTS = ("fit", "scoring", "whole")
-WHOLE_RUNS = ("anomalib_openvino", "anomalib_onnxruntime", "ours_infer", "ours_infer_pictures")
+PARTS = ("fit", "scoring", "whole", "startup")
+WHOLE_RUNS = ("anomalib_openvino", "anomalib_openvino_fp32", "anomalib_onnxruntime", "ours_infer", "ours_infer_bf16",
+              "ours_infer_pictures")
+LEAN_RUNTIMES = ("openvino", "openvino_fp32", "onnxruntime")
 
 
 def import_anomalib():
@@ -160,9 +168,12 @@ def export_worker(args) -> dict:
 def open_runtime(kind: str, path: str, threads: int):
     """A callable: normalised float32 [N, 3, 224, 224] -> (maps [N, 224, 224], scores [N]), and a
     description of the runtime's settings."""
-    if kind == "openvino":
+    if kind in ("openvino", "openvino_fp32"):
         import openvino
-        compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        config = {"INFERENCE_NUM_THREADS": threads}
+        if kind == "openvino_fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = openvino.Core().compile_model(path, "CPU", config)
         outputs = {output.get_any_name(): output for output in compiled.outputs}
         request = compiled.create_infer_request()
 
@@ -236,13 +247,44 @@ def scoring_worker(args) -> dict:
                   "gaussian_score_seconds": gaussian_score, "gaussian_seconds": gaussian_fit + gaussian_score,
                   "eager": model_call_timings(lambda images: model(torch.from_numpy(images)), test_images,
                                               args.throughput_batches)}
-    for kind, path in (("openvino", args.openvino_model), ("onnxruntime", args.onnx_model)):
+    for kind, path in (("openvino", args.openvino_model), ("openvino_fp32", args.openvino_model),
+                       ("onnxruntime", args.onnx_model)):
         if path:
             tick = time.perf_counter()
             call, settings = open_runtime(kind, path, args.threads)
             setup = time.perf_counter() - tick
             result[kind] = {**settings, "setup_seconds": setup,
                             **model_call_timings(call, test_images, args.throughput_batches)}
+    return result
+
+
+def ours_scoring_worker(args) -> dict:
+    """Our export under Paddle Inference with oneDNN, fp32 and bf16 (``--precision fp16`` on a
+    CPU with bf16; fp32 with a warning elsewhere), timed as anomalib's runtimes above; and how far
+    bf16 is from fp32 over the test images: the largest relative difference of the scores, and of
+    each map the largest difference over that map's peak."""
+    from models.deploy import InferenceSettings, open_deployed
+
+    _, test = train_and_test_sets(args)
+    test_images = np.concatenate([b.images for b in iterate_batches(test, BATCH, args.num_workers)])
+    result, outputs = {}, {}
+    for key, precision in (("fp32", "fp32"), ("bf16", "fp16")):
+        tick = time.perf_counter()
+        deployed = open_deployed(args.ours_model, settings=InferenceSettings(
+            enable_mkldnn=True, cpu_threads=args.threads, precision=precision, batch_size=BATCH))
+        setup = time.perf_counter() - tick
+        runtime = deployed.runtime
+        outputs[key] = [np.concatenate(parts) for parts in zip(*(
+            runtime(test_images[s:s + BATCH]) for s in range(0, len(test_images), BATCH)))]
+        result[key] = {"precision": runtime.precision, "setup_seconds": setup,
+                       **model_call_timings(runtime, test_images, args.throughput_batches)}
+        del deployed, runtime
+    if result["bf16"]["precision"] == "bf16":
+        (map32, score32), (map16, score16) = outputs["fp32"], outputs["bf16"]
+        peaks = np.abs(map32).reshape(len(map32), -1).max(axis=1)
+        result["bf16"]["map_max_difference_over_peak"] = float(
+            np.max(np.abs(map16 - map32).reshape(len(map32), -1).max(axis=1) / peaks))
+        result["bf16"]["score_max_relative_difference"] = float(np.max(np.abs(score16 - score32) / np.abs(score32)))
     return result
 
 
@@ -269,7 +311,7 @@ def versions_worker(args) -> dict:
 
 
 WORKERS = {"versions": versions_worker, "fit": fit_worker, "export": export_worker, "scoring": scoring_worker,
-           "lean": lean_worker}
+           "lean": lean_worker, "ours_scoring": ours_scoring_worker}
 
 
 # ---------------------------------------------------------------- the parent
@@ -292,8 +334,8 @@ def run_process(command: list[str], cwd=ROOT, env=None) -> dict:
     return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "stdout": stdout}
 
 
-def spawn_worker(args, mode: str, **options) -> dict:
-    command = [sys.executable, "-m", "tools.compare_anomalib", "--worker", mode, "--data_path", args.data_path,
+def spawn_worker(args, mode: str, python: str | None = None, **options) -> dict:
+    command = [python or sys.executable, "-m", "tools.compare_anomalib", "--worker", mode, "--data_path", args.data_path,
                "--category", args.category, "--threads", str(args.threads), "--num_workers", str(args.num_workers),
                "--batch_size", str(args.batch_size), "--throughput_batches", str(args.throughput_batches)]
     for name, value in options.items():
@@ -319,27 +361,54 @@ def run_ours_fit(args, scratch: Path) -> dict:
     return {"seconds": done["seconds"], "peak_rss": done["peak_rss"]}
 
 
-def run_ours_infer(args, scratch: Path, pictures: bool) -> dict:
+def run_ours_infer(args, scratch: Path, pictures: bool, precision: str = "fp32") -> dict:
     out = scratch / "ours_infer"
     done = run_process(ours_command(args, "infer.py", "--model_file", args.ours_model,
                                     "--input_file", Path(args.data_path) / args.category / "test",
                                     "--batch_size", args.batch_size, "--num_workers", args.num_workers,
                                     "--use_gpu", "False", "--enable_mkldnn", "True", "--cpu_threads", args.threads,
-                                    "--save_picture", pictures, "--save_path", out))
+                                    "--precision", precision, "--save_picture", pictures, "--save_path", out))
     n_pictures = len(list(out.rglob("*.png"))) if out.exists() else 0
     shutil.rmtree(out, ignore_errors=True)
     return {"seconds": done["seconds"], "peak_rss": done["peak_rss"], "n_pictures": n_pictures,
             "n_images": sum(1 for line in done["stdout"].splitlines() if "  score " in line)}
 
 
+def first_test_image(args) -> Path:
+    return Path(ImageList(Path(args.data_path) / args.category / "test", 256, 224).samples[0].path)
+
+
+def run_startup(args, scratch: Path, repeat: int) -> dict:
+    """``import paddle`` and predict.py on one image (picture included) in fresh processes,
+    alternated, --startup_runs times each: {name: {"seconds": [...], "peak_rss": [...]}}."""
+    picture = scratch / "predict_one.png"
+    commands = {"import_paddle": [args.ours_python, "-c", "import paddle"],
+                "predict_one": ours_command(args, "predict.py", "--model_path", args.ours_model_file,
+                                            "--picture_path", first_test_image(args), "--save_path", picture)}
+    names = list(commands) if repeat % 2 == 0 else list(commands)[::-1]
+    runs = {name: {"seconds": [], "peak_rss": []} for name in commands}
+    for _ in range(args.startup_runs):
+        for name in names:
+            done = run_process(commands[name])
+            runs[name]["seconds"].append(done["seconds"])
+            runs[name]["peak_rss"].append(done["peak_rss"])
+        names.reverse()
+    if not picture.is_file():
+        raise RuntimeError(f"predict.py wrote no picture at {picture}")
+    picture.unlink()
+    return runs
+
+
 def median_of(runs: list):
-    """The element-wise median of a list of equally shaped dicts of numbers (other values from
-    the first run)."""
+    """The element-wise median of a list of equally shaped dicts of numbers (lists of numbers:
+    the median of all their samples; other values from the first run)."""
     first = runs[0]
     if isinstance(first, dict):
         return {key: median_of([run[key] for run in runs if key in run]) for key in first}
     if isinstance(first, (int, float)) and not isinstance(first, bool):
         return statistics.median(runs)
+    if isinstance(first, list) and first and all(isinstance(v, (int, float)) for v in first):
+        return statistics.median(value for run in runs for value in run)   # pooled samples
     return first
 
 
@@ -365,9 +434,13 @@ def one_repeat(args, repeat: int, exports: dict, scratch: Path, say) -> dict:
         if args.ours_python:
             result["ours_fit"] = run_ours_fit(args, scratch)
     if "scoring" in args.parts:
-        say(f"[{repeat + 1}/{args.repeats}] scoring: Gaussian stage; eager, OpenVINO and ONNX model calls")
+        say(f"[{repeat + 1}/{args.repeats}] scoring: Gaussian stage; eager, OpenVINO and ONNX model calls"
+            + ("; ours in fp32 and bf16" if args.ours_model else ""))
         result["scoring"] = spawn_worker(args, "scoring", openvino_model=exports["openvino"],
                                          onnx_model=exports["onnx"])
+        if args.ours_model:
+            result["scoring"]["ours"] = spawn_worker(args, "ours_scoring", python=args.ours_python,
+                                                     ours_model=args.ours_model)
     if "whole" in args.parts:
         runs = [name for name in WHOLE_RUNS if args.ours_model or not name.startswith("ours")]
         shift = repeat % len(runs)
@@ -378,14 +451,24 @@ def one_repeat(args, repeat: int, exports: dict, scratch: Path, say) -> dict:
             if name.startswith("anomalib_"):
                 runtime = name[len("anomalib_"):]
                 whole[name] = spawn_worker(args, "lean", runtime=runtime,
-                                           model=exports["openvino" if runtime == "openvino" else "onnx"])
+                                           model=exports["onnx" if runtime == "onnxruntime" else "openvino"])
                 whole[name]["seconds"] = whole[name].pop("process_seconds")
                 whole[name]["peak_rss"] = whole[name].pop("process_peak_rss")
             else:
-                whole[name] = run_ours_infer(args, scratch, pictures=name.endswith("pictures"))
+                whole[name] = run_ours_infer(args, scratch, pictures=name.endswith("pictures"),
+                                             precision="fp16" if name.endswith("bf16") else "fp32")
         result["whole"] = whole
+    if "startup" in args.parts and args.ours_model_file:
+        say(f"[{repeat + 1}/{args.repeats}] startup: predict.py on one image, import paddle")
+        result["startup"] = run_startup(args, scratch, repeat)
     result["load_average_1min_after"] = os.getloadavg()[0]
     return result
+
+
+def ours_calls(scoring: dict) -> dict:
+    """Our model-call timings by precision (the worker's record also holds its process's time)."""
+    return {key: value for key, value in (scoring.get("ours") or {}).items()
+            if isinstance(value, dict) and "latency_b1_ms" in value}
 
 
 def table_rows(result: dict, args) -> list[tuple[str, str]]:
@@ -411,18 +494,29 @@ def table_rows(result: dict, args) -> list[tuple[str, str]]:
         rows.append((f"anomalib Gaussian fit + scoring, {scoring['n_train']} train / {scoring['n_test']} test",
                      f"{scoring['gaussian_seconds']:.2f} s (fit {scoring['gaussian_fit_seconds']:.2f} s, "
                      f"scoring {scoring['gaussian_score_seconds'] * 1e3:.1f} ms)"))
+        def call_row(name, timing):
+            rows.append((f"{name}: batch 1 median / mean, batch 32",
+                         f"{timing['latency_b1_ms']:.1f} / {timing['latency_b1_mean_ms']:.1f} ms, "
+                         f"{1e3 / timing['throughput_b32']:.1f} ms/img ({timing['throughput_b32']:.1f} img/s)"))
+
         for key, name in (("eager", "eager PyTorch"), ("openvino", "OpenVINO export"),
-                          ("onnxruntime", "ONNX export, onnxruntime")):
+                          ("openvino_fp32", "OpenVINO export, f32 asked"), ("onnxruntime", "ONNX export, onnxruntime")):
             if key in scoring:
                 timing = scoring[key]
                 detail = f" ({timing['inference_precision']})" if "inference_precision" in timing else ""
-                rows.append((f"anomalib {name}{detail}: batch 1 median / mean, batch 32",
-                             f"{timing['latency_b1_ms']:.1f} / {timing['latency_b1_mean_ms']:.1f} ms, "
-                             f"{1e3 / timing['throughput_b32']:.1f} ms/img ({timing['throughput_b32']:.1f} img/s)"))
+                call_row(f"anomalib {name}{detail}", timing)
+        for key, timing in ours_calls(scoring).items():
+            call_row(f"ours: Paddle Inference, oneDNN, {key} ({timing['precision']})", timing)
+            if "score_max_relative_difference" in timing:
+                rows.append(("ours: bf16 against fp32, largest difference: scores (relative) / maps (over the "
+                             "map's peak)", f"{100 * timing['score_max_relative_difference']:.2f}% / "
+                                            f"{100 * timing['map_max_difference_over_peak']:.2f}%"))
     if "whole" in result:
-        names = {"anomalib_openvino": "anomalib OpenVINO export, lean process",
+        names = {"anomalib_openvino": "anomalib OpenVINO export (default precision), lean process",
+                 "anomalib_openvino_fp32": "anomalib OpenVINO export, f32 asked, lean process",
                  "anomalib_onnxruntime": "anomalib ONNX export, lean process",
-                 "ours_infer": "ours: infer.py, pictures off", "ours_infer_pictures": "ours: infer.py, pictures on"}
+                 "ours_infer": "ours: infer.py fp32, pictures off", "ours_infer_bf16": "ours: infer.py bf16, pictures off",
+                 "ours_infer_pictures": "ours: infer.py fp32, pictures on"}
         for key in WHOLE_RUNS:
             if key in result["whole"]:
                 run = result["whole"][key]
@@ -430,6 +524,18 @@ def table_rows(result: dict, args) -> list[tuple[str, str]]:
                     if "setup_seconds" in run else ""
                 rows.append((f"whole process, {args.batch_size}-image batches: {names[key]}",
                              f"{run['seconds']:.2f} s{setup}"))
+        whole = result["whole"]
+        for ours, theirs in (("ours_infer", "anomalib_openvino"), ("ours_infer", "anomalib_openvino_fp32"),
+                             ("ours_infer_bf16", "anomalib_openvino"), ("ours_infer_pictures", "ours_infer")):
+            if ours in whole and theirs in whole:
+                rows.append((f"ratio: {names[ours]} / {names[theirs]}",
+                             f"{whole[ours]['seconds'] / whole[theirs]['seconds']:.2f}x"))
+    if "startup" in result:
+        startup = result["startup"]
+        paddle, predict = startup["import_paddle"]["seconds"], startup["predict_one"]["seconds"]
+        rows += [("python -c 'import paddle', whole process", f"{paddle:.2f} s"),
+                 ("predict.py, one image, picture included, whole process", f"{predict:.2f} s"),
+                 ("ratio: predict.py one image / import paddle", f"{predict / paddle:.2f}x")]
     return rows
 
 
@@ -444,13 +550,20 @@ def build_parser():
     parser.add_argument("--rss_scale", type=int, default=4,
                         help="peak RSS is also measured with the training set repeated this many times (default: 4)")
     parser.add_argument("--throughput_batches", type=int, default=3, help="timed batches of 32 (default: 3)")
+    parser.add_argument("--startup_runs", type=int, default=2,
+                        help="runs of predict.py and of import paddle per repeat, alternated (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported (default: 3)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     parser.add_argument("--ours_model", default=None,
                         help="our export (export_model.py's folder) for infer.py's whole-process rows")
     parser.add_argument("--ours_python", default=None,
-                        help="the Python with Paddle that runs train.py and infer.py (ours rows skipped without it)")
+                        help="the Python with Paddle that runs train.py and infer.py (ours rows skipped without "
+                             "it); give the interpreter itself (sys.executable), not a launcher such as a pyenv "
+                             "shim, whose own start-up would be timed with every run")
+    parser.add_argument("--ours_model_file", default=None,
+                        help="the model file predict.py loads for the startup rows (default: the source model "
+                             "named in --ours_model's metadata)")
     parser.add_argument("--json", default=None, help="write the medians and every run to this JSON file")
     parser.add_argument("--log", default=None, help="write the report to this text file")
     for hidden in ("worker", "export_dir", "runtime", "model", "openvino_model", "onnx_model"):
@@ -470,13 +583,19 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args.ours_model and not args.ours_python:
         raise SystemExit("--ours_model needs --ours_python (the Python with Paddle)")
-    if args.ours_python and Path(args.ours_python).resolve() == Path(sys.executable).resolve():
+    # Not resolved: a virtual environment's python is a symbolic link to the interpreter it came from.
+    if args.ours_python and Path(args.ours_python).absolute() == Path(sys.executable).absolute():
         raise SystemExit("--ours_python is this tool's own Python; give the one with Paddle")
+    if "startup" in args.parts and args.ours_model and args.ours_model_file is None:
+        meta = json.loads((Path(args.ours_model) / "model.meta.json").read_text(encoding="utf-8"))
+        args.ours_model_file = meta["source_model"]
     # This process only starts the others: with torch imported here, every child would inherit
     # its resident size in the peak RSS that wait4 reports (Linux carries it across exec).
     started = time.perf_counter()
     say = Report()
-    say(f"{args.threads} threads; {args.category} under {args.data_path}; {args.repeats} interleaved repeats, medians")
+    say("# " + shlex.join([sys.executable, "-m", "tools.compare_anomalib", *(sys.argv[1:] if argv is None else argv)]))
+    say(f"{args.threads} threads; {args.category} under {args.data_path}; {args.repeats} interleaved repeats, medians; "
+        f"1-minute load average {os.getloadavg()[0]:.1f} at the start")
     versions = spawn_worker(args, "versions")
     say(", ".join(f"{name} {version}" for name, version in versions.items()
                   if name not in ("process_seconds", "process_peak_rss")))
@@ -492,6 +611,8 @@ def main(argv=None) -> dict:
     result = {**{name: versions[name] for name in ("anomalib", "torch", "openvino", "onnxruntime")},
               "threads": args.threads, "category": args.category, "batch_size": args.batch_size,
               "repeats": args.repeats, "statistic": "median", **median_of(runs), "runs": runs}
+    if args.json:       # first: the runs are kept even if the table below fails
+        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
     rows = table_rows(result, args)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -500,7 +621,6 @@ def main(argv=None) -> dict:
     say(f"took {time.perf_counter() - started:.0f} s; 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
         f"on {os.cpu_count()} CPUs (other processes' load slows every row)")
     if args.json:
-        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
         say(f"results written to {args.json}")
     if args.log:
         write_text_atomically(args.log, "\n".join(say.lines) + "\n")

@@ -195,10 +195,13 @@ def anomalib_numbers(data: dict) -> dict:
         calls["eager"] = scoring["eager"]
     elif "eager_latency_b1_ms" in data:
         calls["eager"] = {"latency_b1_ms": data["eager_latency_b1_ms"], "throughput_b32": data.get("eager_throughput_b32")}
-    for runtime in ("openvino", "onnxruntime"):
+    for runtime in ("openvino", "openvino_fp32", "onnxruntime"):
         if isinstance(scoring.get(runtime), dict):
             calls[runtime] = scoring[runtime]
     return {
+        "ours_calls": {key: value for key, value in (scoring.get("ours") or {}).items()
+                       if isinstance(value, dict) and "latency_b1_ms" in value},
+        "startup": data.get("startup") or {},
         "versions": {k: data[k] for k in ("anomalib", "torch", "openvino", "onnxruntime") if data.get(k)},
         "threads": data.get("threads"), "repeats": data.get("repeats"),
         "fit": data.get("fit") or {}, "fit_large": data.get("fit_large") or {},
@@ -374,10 +377,33 @@ def story(logs: Logs) -> list:
                     f"images as a whole process, decoding included and pictures off, took {secs(ours['seconds'])}; "
                     f"a lean process running anomalib's OpenVINO export {secs(lean['seconds'])} "
                     f"({times(ours['seconds'] / lean['seconds'])})")
+            precision = dig(a, "calls", "openvino", "inference_precision")
+            lean_fp32, bf16 = whole.get("anomalib_openvino_fp32"), whole.get("ours_infer_bf16")
+            if precision and precision != "f32" and lean_fp32:
+                line += (f". OpenVINO runs {precision} by default on this CPU, infer.py fp32: asked for f32, "
+                         f"OpenVINO took {secs(lean_fp32['seconds'])} "
+                         f"({times(ours['seconds'] / lean_fp32['seconds'])} for infer.py)")
+            if bf16:
+                line += (f"; infer.py in bf16 (`--precision fp16 --enable_mkldnn True`) took "
+                         f"{secs(bf16['seconds'])} ({times(bf16['seconds'] / lean['seconds'])})")
             pictures = whole.get("ours_infer_pictures")
             if pictures:
-                line += f"; with infer.py's pictures on, {secs(pictures['seconds'])}"
+                line += (f"; with infer.py's pictures on, {secs(pictures['seconds'])} "
+                         f"({times(pictures['seconds'] / ours['seconds'])} the time without)")
             out.append(line + f" {cite_anomalib}.")
+    startup = (a or {}).get("startup") or {}
+    if "predict_one" in startup and "import_paddle" in startup:
+        predict, paddle = startup["predict_one"]["seconds"], startup["import_paddle"]["seconds"]
+        out.append(f"- **One image.** predict.py on one test image, picture included, took {secs(predict)} as a whole "
+                   f"process; a bare `python -c \"import paddle\"` took {secs(paddle)} ({times(predict / paddle)}) "
+                   f"{cite_anomalib}.")
+    bf16_call = ((a or {}).get("ours_calls") or {}).get("bf16") or {}
+    if "score_max_relative_difference" in bf16_call:
+        out.append(f"- **bfloat16.** With `--precision fp16 --enable_mkldnn True` on a CPU with bf16, infer.py's "
+                   f"image scores differed from fp32's by up to {100 * bf16_call['score_max_relative_difference']:.1f}% "
+                   f"on bottle's test images, and each anomaly map by up to "
+                   f"{100 * bf16_call['map_max_difference_over_peak']:.1f}% of its peak (most where the map is low); "
+                   f"fp32 stays the default {cite_anomalib}.")
     if len(out) == 3:   # only the malloc paragraph, which quotes no number without its logs
         out.insert(2, "The benchmark logs are to be regenerated; the paragraphs that quote them return with them.\n")
     return out + [""]
@@ -466,35 +492,71 @@ def anomalib_section(logs: Logs) -> list:
                      ours(bench_gauss and secs(bench_gauss["vectorised_seconds"])), secs(a["gaussian_seconds"]),
                      None, None])
 
-    def call_cells(fmt):
-        return [fmt(calls[k]) if k in calls else None for k in ("eager", "openvino", "onnxruntime")]
+    ours_calls = a["ours_calls"]
 
-    if calls:
+    def call_cell(timing, fmt, label=None):
+        return f"{label}: {fmt(timing)}" if label else fmt(timing)
+
+    def b1(c):
+        return f"{c['latency_b1_ms']:.1f}" + (f" / {c['latency_b1_mean_ms']:.1f}" if c.get("latency_b1_mean_ms") else "") \
+            + " ms"
+
+    def b32(c):
+        return c.get("throughput_b32") and f"{1e3 / c['throughput_b32']:.1f} ms/img ({c['throughput_b32']:.1f} img/s)"
+
+    def openvino_cell(fmt):
+        cells = [call_cell(calls[key], fmt, calls[key].get("inference_precision") if "openvino_fp32" in calls else None)
+                 for key in ("openvino", "openvino_fp32") if key in calls]
+        return "; ".join(c for c in cells if c) or None
+
+    def ours_cell(fmt, static_text):
+        if ours_calls:
+            return "; ".join(call_cell(t, fmt, t.get("precision", key)) for key, t in ours_calls.items())
+        return ours(static_text)
+
+    if calls or ours_calls:
         rows.append(["model call, batch 1 (median / mean)",
-                     ours(static and f"{static['b1_latency_ms']:.1f} ms (static graph)"),
-                     *call_cells(lambda c: f"{c['latency_b1_ms']:.1f}"
-                                 + (f" / {c['latency_b1_mean_ms']:.1f}" if c.get("latency_b1_mean_ms") else "") + " ms")])
+                     ours_cell(b1, static and f"{static['b1_latency_ms']:.1f} ms (static graph)"),
+                     calls.get("eager") and b1(calls["eager"]), openvino_cell(b1),
+                     calls.get("onnxruntime") and b1(calls["onnxruntime"])])
         rows.append(["model call, batch 32",
-                     ours(static and f"{1e3 / static['b32_images_per_second']:.1f} ms/img "
-                                     f"({static['b32_images_per_second']:.1f} img/s, static graph)"),
-                     *call_cells(lambda c: c.get("throughput_b32") and
-                                 f"{1e3 / c['throughput_b32']:.1f} ms/img ({c['throughput_b32']:.1f} img/s)")])
+                     ours_cell(b32, static and f"{1e3 / static['b32_images_per_second']:.1f} ms/img "
+                                               f"({static['b32_images_per_second']:.1f} img/s, static graph)"),
+                     calls.get("eager") and b32(calls["eager"]), openvino_cell(b32),
+                     calls.get("onnxruntime") and b32(calls["onnxruntime"])])
         precision = dig(calls, "openvino", "inference_precision")
-        if precision:
+        if precision and "openvino_fp32" not in calls:
             rows.append(["OpenVINO inference precision", None, None, precision, None])
-    names = {"anomalib_openvino": 3, "anomalib_onnxruntime": 4}
+        bf16 = ours_calls.get("bf16") or {}
+        if "score_max_relative_difference" in bf16:
+            rows.append(["bf16 against fp32: largest score difference / largest map difference over its peak",
+                         f"{100 * bf16['score_max_relative_difference']:.2f}% / "
+                         f"{100 * bf16['map_max_difference_over_peak']:.2f}%", None, None, None])
     if whole:
-        row = [f"whole process, {a.get('n_test')} test images in batches of {a.get('batch_size')}, decode included, "
-               "no pictures", None, None, None, None]
-        if "ours_infer" in whole:
-            row[1] = f"{secs(whole['ours_infer']['seconds'])} (infer.py)"
-        for key, column in names.items():
-            if key in whole:
-                row[column] = secs(whole[key]["seconds"])
-        rows.append(row)
+        def labelled(pairs):
+            """One run: its time alone; several: each labelled with its precision."""
+            present = [(label, whole[key]["seconds"]) for label, key in pairs if key in whole]
+            if len(present) == 1 and present[0][0] != "bf16":
+                return secs(present[0][1])
+            return "; ".join(f"{label} {secs(value)}" for label, value in present) or None
+
+        default = dig(calls, "openvino", "inference_precision") or "default"
+        ours_whole = labelled([("fp32", "ours_infer"), ("bf16", "ours_infer_bf16")])
+        openvino_whole = [(default, "anomalib_openvino"), ("f32", "anomalib_openvino_fp32")]
+        rows.append([f"whole process, {a.get('n_test')} test images in batches of {a.get('batch_size')}, decode "
+                     f"included, no pictures", ours_whole and f"{ours_whole} (infer.py)", None,
+                     labelled(openvino_whole if "anomalib_openvino_fp32" in whole else [("default", "anomalib_openvino")]),
+                     "anomalib_onnxruntime" in whole and secs(whole["anomalib_onnxruntime"]["seconds"]) or None])
         if "ours_infer_pictures" in whole:
-            rows.append(["same, with pictures", f"{secs(whole['ours_infer_pictures']['seconds'])} (infer.py)",
-                         None, None, None])
+            with_pictures = whole["ours_infer_pictures"]["seconds"]
+            ratio = (f", {times(with_pictures / whole['ours_infer']['seconds'])} the time without"
+                     if "ours_infer" in whole else "")
+            rows.append(["same, with pictures", f"{secs(with_pictures)} (infer.py fp32{ratio})", None, None, None])
+    startup = a["startup"]
+    if "predict_one" in startup and "import_paddle" in startup:
+        predict, paddle = startup["predict_one"]["seconds"], startup["import_paddle"]["seconds"]
+        rows.append(["predict.py on one image, picture included / `import paddle`, whole processes",
+                     f"{secs(predict)} / {secs(paddle)} ({times(predict / paddle)})", None, None, None])
     for row in rows:   # the header has anomalib's three runtimes; the old layout only the eager one
         row += [None] * (5 - len(row))
     out += markdown_table(["bottle, ResNet18", "ours", "anomalib eager", "anomalib OpenVINO", "anomalib ONNX"], rows)

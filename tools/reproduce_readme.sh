@@ -132,12 +132,10 @@ if [ -n "${ANOMALIB_PYTHON:-}" ]; then
     $PY train.py --data_path "$DATA" --category bottle --backbone resnet18 --pretrained_backbone random \
         --val False --save_path "$OUT/anomalib_ours"
     $PY export_model.py --model_path "$OUT/anomalib_ours/bottle/best.pdparams" --save_dir "$OUT/anomalib_ours/export"
-    COMMAND=("$ANOMALIB_PYTHON" -m tools.compare_anomalib --data_path "$DATA" --category bottle
-             --ours_model "$OUT/anomalib_ours/export" --ours_python "$(command -v "$PY")"
-             --json logs/anomalib_bottle_resnet18.json --log logs/anomalib_bottle_resnet18.log)
-    "${COMMAND[@]}"
-    { echo "# ${COMMAND[*]}"; cat logs/anomalib_bottle_resnet18.log; } > logs/anomalib_bottle_resnet18.log.new
-    mv logs/anomalib_bottle_resnet18.log.new logs/anomalib_bottle_resnet18.log
+    # Its log starts with its own command line.
+    "$ANOMALIB_PYTHON" -m tools.compare_anomalib --data_path "$DATA" --category bottle \
+        --ours_model "$OUT/anomalib_ours/export" --ours_python "$($PY -c 'import sys; print(sys.executable)')" \
+        --json logs/anomalib_bottle_resnet18.json --log logs/anomalib_bottle_resnet18.log
     fresh logs/anomalib_bottle_resnet18.log logs/anomalib_bottle_resnet18.json
 fi
 

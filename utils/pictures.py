@@ -88,6 +88,14 @@ def mark_contour(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0)) -> np.
     return marked
 
 
+def display_crops(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The uint8 crops [B, H, W, 3] that normalised images [B, 3, H, W] (``(crop / 255 - mean) /
+    std`` in float32; ``mean`` and ``std`` [3, 1, 1]) were made from, without decoding the files
+    again. Exact: the float32 error of normalising and back is far below half a grey level."""
+    shown = (np.asarray(images, dtype=np.float32) * std + mean) * np.float32(255)
+    return np.rint(shown).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def _grey(values01: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.asarray(values01, dtype=np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -349,28 +357,40 @@ class PictureWriter:
         self._pending.append((job["path"], future))
         self._collect(block=False)
 
-    def _collect(self, block: bool) -> None:
-        """Record the outcome of finished pictures (waiting for at least one when ``block``)."""
+    def _collect(self, block: bool) -> int:
+        """Record the outcome of finished pictures (waiting for at least one when ``block``);
+        returns how many pictures finished."""
         if block and self._pending:
             wait([future for _, future in self._pending], return_when=FIRST_COMPLETED)
-        still = deque()
+        still, finished = deque(), 0
         for path, future in self._pending:
             if not future.done():
                 still.append((path, future))
                 continue
+            finished += path is not None
             error = future.exception()
             if error is not None:
                 self._failures.append((str(path) if path else "(worker start)", f"{type(error).__name__}: {error}"))
             elif path is not None:
                 self._written.append(Path(future.result()))
         self._pending = still
+        return finished
 
-    def close(self) -> list[Path]:
-        """Wait for every picture; return their paths or raise PictureError."""
+    def close(self, progress: str | None = None) -> list[Path]:
+        """Wait for every picture; return their paths or raise PictureError. ``progress``: the
+        description of a progress bar over the pictures still pending."""
         if not self._closed:
             self._closed = True
+            bar = None
+            if progress is not None:
+                from tqdm import tqdm
+                bar = tqdm(total=sum(path is not None for path, _ in self._pending), desc=progress)
             while self._pending:
-                self._collect(block=True)
+                finished = self._collect(block=True)
+                if bar is not None:
+                    bar.update(finished)
+            if bar is not None:
+                bar.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
         if self._failures:

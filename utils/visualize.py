@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from utils.files import temp_path_beside
-from utils.pictures import draw_panels
 
 
 def plot_panels(path, image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float,
                 vmin: float, vmax: float, ground_truth: np.ndarray | None = None,
                 title: str | None = None) -> Path:
     """Save the 5-panel (with ground truth, as val) or 4-panel (as predict/infer) figure."""
+    from utils.pictures import draw_panels
+
     return draw_panels(path, image, anomaly_map, pixel_threshold, vmin, vmax, ground_truth, title)
 
 
