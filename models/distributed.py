@@ -292,13 +292,13 @@ class _Step:
                 continue
             count = self._add_key(f"{_KEY_PREFIX}/alive/{rank}", 0)
             seen, since = _HEARTBEATS.get(rank, (None, now))
-            if count == 0:   # never beat (its thread could not connect): no evidence either way
-                continue
             if count != seen:
                 _HEARTBEATS[rank] = (count, now)
             elif now - since > silence:
+                # a count still 0: the rank died (or lost the store) before its first beat
+                silent = "sent no heartbeat" if count == 0 else "stopped responding"
                 raise PeerFailure(f"rank {self.ctx.rank} of {self.ctx.world_size}: stopping, rank {rank} "
-                                  f"stopped responding during {self.name} (no heartbeat for {silence:g} s)")
+                                  f"{silent} during {self.name} (no heartbeat for {silence:g} s)")
 
     def wait(self) -> None:
         """Until every rank reported; PeerFailure as soon as one reports a failure."""

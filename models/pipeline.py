@@ -168,36 +168,44 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
         LOGGER.info(f"sums of {ranks.world_size} processes added in {time.perf_counter() - tick:.2f}s")
     kept_blocks = kept.gathered_on_rank0(ranks)
     del kept
-    if ranks.rank != 0:   # rank 0 finalizes
+
+    def finish() -> tuple[ModelFile, FitReport]:
+        """Rank 0's part: the Gaussians, the calibration, the model file's contents."""
+        nonlocal kept_blocks
+        tick = time.perf_counter()
+        mean, whitening = gaussian.finalize(eps)
+        tock = time.perf_counter()
+        calibration, statistics = calibrate_from_embeddings(kept_blocks, mean, whitening, gaussian.n_, grid,
+                                                            image_size, sigma, false_alarm_rate)
+        kept_blocks = None
+        calibration_time = time.perf_counter() - tock
+        meta = ModelMeta(
+            category=dataset.category,
+            backbone=backbone_name,
+            weights_source=getattr(backbone, "weights_source", weights),
+            stage_names=list(backbone.stage_names),
+            channels=[int(c) for c in backbone.channels],
+            d=d,
+            seed=int(seed),
+            eps=float(eps),
+            sigma=float(sigma),
+            **dataset.transform.geometry.to_meta(),
+            feature_grid=[int(v) for v in grid],
+            normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            n_train=int(gaussian.n_),
+            train_statistics=statistics,
+            calibration=calibration,
+        )
+        arrays = {"idx": idx, "mean": mean, "whitening": whitening}
+        report = FitReport(gaussian.n_, time.perf_counter() - started, extraction,
+                           gaussian_time + tock - tick, total, calibration_time)
+        return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
+
+    # inside a step: when rank 0 fails here, the others stop with its message
+    finished = distributed.finalize_on_rank0(finish, "finalizing the fit", ranks=ranks)
+    if finished is None:
         return None, FitReport(len(shard), time.perf_counter() - started, extraction, gaussian_time, total)
-    tick = time.perf_counter()
-    mean, whitening = gaussian.finalize(eps)
-    tock = time.perf_counter()
-    gaussian_time += tock - tick
-    calibration, statistics = calibrate_from_embeddings(kept_blocks, mean, whitening, gaussian.n_, grid,
-                                                        image_size, sigma, false_alarm_rate)
-    del kept_blocks
-    calibration_time = time.perf_counter() - tock
-    meta = ModelMeta(
-        category=dataset.category,
-        backbone=backbone_name,
-        weights_source=getattr(backbone, "weights_source", weights),
-        stage_names=list(backbone.stage_names),
-        channels=[int(c) for c in backbone.channels],
-        d=d,
-        seed=int(seed),
-        eps=float(eps),
-        sigma=float(sigma),
-        **dataset.transform.geometry.to_meta(),
-        feature_grid=[int(v) for v in grid],
-        normalisation={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        n_train=int(gaussian.n_),
-        train_statistics=statistics,
-        calibration=calibration,
-    )
-    arrays = {"idx": idx, "mean": mean, "whitening": whitening}
-    report = FitReport(gaussian.n_, time.perf_counter() - started, extraction, gaussian_time, total, calibration_time)
-    return ModelFile(None, meta, arrays, get_backbone_state(backbone)), report
+    return finished
 
 
 # ---- data parallelism: the parts of a fit and an evaluation split over ranks

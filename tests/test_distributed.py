@@ -184,3 +184,57 @@ def test_a_rank_lost_on_another_machine_is_noticed_by_its_silence(launches):
     # no launcher tells this one: the heartbeat (3 s of silence here, checked every second) does
     assert_stopped_cleanly(launch, "error: rank 0 of 2: stopping, rank 1 stopped responding during "
                                    "training shard (no heartbeat for 3 s)", bound_s=3.0 + 4.0)
+
+
+class FakeStore:
+    """The launcher's key-value store, in memory: counters by ``add``, no other rank behind it."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, key, amount):
+        self.counts[key] = self.counts.get(key, 0) + amount
+        return self.counts[key]
+
+
+def test_a_rank_that_never_beat_is_given_up_after_the_silence(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(distributed, "_store", FakeStore)
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: clock[0])
+    monkeypatch.setitem(distributed._STATE, "peer_silence_s", 3.0)
+    monkeypatch.setattr(distributed, "_HEARTBEATS", {})
+    waiting = distributed._Step("training shard", distributed.Context(0, 2, True), None)
+    for elapsed in (0.0, 1.5, 3.0):   # rank 1 has not reported and its beat count stays 0
+        clock[0] = 1000.0 + elapsed
+        waiting.check_alive()
+    clock[0] = 1004.5
+    with pytest.raises(distributed.PeerFailure, match="rank 1 sent no heartbeat during training shard"):
+        waiting.check_alive()
+
+
+def test_the_fit_is_finalized_inside_a_step_so_other_ranks_learn_why_it_failed(demo_root, monkeypatch):
+    """Rank 0's finalize and calibration run in ``finalize_on_rank0`` (whose failure the other
+    ranks report with rank 0's message), not after the ranks have parted."""
+    from datasets.mvtec import MVTecDataset
+    from models import padim, pipeline
+
+    inside = []
+    real_finalize_on_rank0 = distributed.finalize_on_rank0
+
+    def recording_finalize_on_rank0(work, name="writing the model", timeout_s=None, ranks=None):
+        inside.append(name)
+        try:
+            return real_finalize_on_rank0(work, name, timeout_s, ranks)
+        finally:
+            inside.pop()
+
+    def failing_finalize(self, eps=padim.DEFAULT_EPS):
+        raise RuntimeError(f"finalize ran within: {inside}")
+
+    monkeypatch.setattr(distributed, "finalize_on_rank0", recording_finalize_on_rank0)
+    monkeypatch.setattr(padim.GaussianFit, "finalize", failing_finalize)
+    train = MVTecDataset(demo_root, "demo", "train", 40, 32)
+    train.samples = train.samples[:3]
+    with pytest.raises(RuntimeError, match=r"finalize ran within: \['finalizing the fit'\]"):
+        pipeline.fit_padim(train, "mobilenet_v2", "imagenet", d=8, batch_size=3, num_workers=1, progress=False,
+                           print_freq=0, static_graph=False, ranks=distributed.SINGLE)
