@@ -40,13 +40,18 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from models.backbones import set_num_threads
+    from models.export import ExportCheckError
     from models.pipeline import export_model_file
     from utils.logger import get_logger
 
     set_num_threads()
     logger = get_logger()
-    result = export_model_file(args.model_path, args.save_dir, img_size=args.img_size, backbone=backbone_name(args),
-                               onnx=args.onnx, opset=args.opset_version, verify=args.verify, logger=logger)
+    try:
+        result = export_model_file(args.model_path, args.save_dir, img_size=args.img_size,
+                                   backbone=backbone_name(args), onnx=args.onnx, opset=args.opset_version,
+                                   verify=args.verify, logger=logger)
+    except ExportCheckError as exc:   # the export failed its own check: one line, exit code 1
+        raise SystemExit(f"error: {exc}") from None
     for backend, numbers in result.parity.items():
         logger.info(f"check {backend}: max relative difference to the dynamic model: map "
                     f"{numbers['map_max_relative_difference']:.2e}, score {numbers['score_max_relative_difference']:.2e}")
