@@ -93,7 +93,9 @@ def conformal_threshold(scores, false_alarm_rate: float, strict: bool = False) -
     :class:`Calibration` stores it as ``guaranteed_rate`` so the log can say so). With ``strict``
     it raises :class:`CalibrationError` instead, naming that rate and the images needed.
     """
-    values = np.asarray(scores, dtype=np.float64).ravel()
+    values = np.asarray(scores).ravel()
+    if values.dtype.kind != "f":   # float32 maps stay float32: the k-th smallest is the same number
+        values = values.astype(np.float64)
     if values.size == 0:
         raise CalibrationError("calibration needs at least one normal image")
     if not np.all(np.isfinite(values)):
