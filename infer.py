@@ -38,8 +38,9 @@ def build_parser():
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                         help="fp16/int8 with TensorRT on GPU; fp16 on CPU runs oneDNN bfloat16 (needs "
                              "--enable_mkldnn=True and a CPU with bf16; otherwise fp32 with a warning): faster, "
-                             "but scores and maps move a little from fp32's, most where the map is low "
-                             "(docs/performance.md has the measured differences)")
+                             "but scores move by up to a few percent from fp32's and the low parts of maps "
+                             "more, so verdicts close to the threshold may differ (docs/performance.md has the "
+                             "measured differences)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=False,
                         help="oneDNN kernels on CPU (several times faster on x86)")
     parser.add_argument("--cpu_threads", type=positive_int, default=None,
