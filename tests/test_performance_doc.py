@@ -2,6 +2,7 @@
 a log listed as stale; both layouts of the anomalib comparison render; the README block is replaced."""
 import json
 
+import numpy as np
 import pytest
 
 from tools import performance_doc as doc
@@ -175,7 +176,8 @@ def test_compare_anomalib_result_renders_in_its_table_and_on_the_page(logs):
         "fit_large": dict(fit, n_images=836), "ours_fit": {"seconds": 9.0, "peak_rss": 2 ** 30},
         "scoring": {"n_train": 209, "n_test": 83, "gaussian_fit_seconds": 1.0, "gaussian_score_seconds": 0.1,
                     "gaussian_seconds": 1.1, "eager": call, "onnxruntime": dict(call, precision="fp32"),
-                    "openvino": dict(call, inference_precision="bf16"),
+                    "openvino": dict(call, inference_precision="bf16", score_max_relative_difference=0.0125,
+                                     map_max_difference_over_peak=0.0875),
                     "openvino_fp32": dict(call, inference_precision="f32"), **process,
                     "ours": {"fp32": dict(call, precision="fp32"),
                              "bf16": dict(call, precision="bf16", score_max_relative_difference=0.03,
@@ -187,7 +189,25 @@ def test_compare_anomalib_result_renders_in_its_table_and_on_the_page(logs):
     assert rows["ours: Paddle Inference, oneDNN, bf16 (bf16): batch 1 median / mean, batch 32"] == \
         "10.0 / 12.0 ms, 10.0 ms/img (100.0 img/s)"
     assert rows["ratio: predict.py one image / import paddle"] == "1.40x"
+    largest = "largest difference: scores (relative) / maps (over the map's peak)"
+    assert rows[f"ours: bf16 against fp32, {largest}"] == "3.00% / 25.00%"
+    assert rows[f"anomalib OpenVINO export: default (bf16) against f32 asked, {largest}"] == "1.25% / 8.75%"
     assert rows["ratio: ours: infer.py fp32, pictures on / ours: infer.py fp32, pictures off"] == "1.40x"   # 7 s / 5 s
     (logs / "anomalib_bottle_resnet18.json").write_text(json.dumps(result))
     table = "\n".join(doc.anomalib_section(doc.Logs(logs)))
     assert "fp32: 10.0 / 12.0 ms; bf16: 10.0 / 12.0 ms" in table and "| 1.40 s / 1.00 s (1.40×) |" in table
+    assert "| bf16 against fp32: largest score difference / largest map difference over its peak | 3.00% / 25.00% |" \
+           "  | 1.25% / 8.75% |  |" in table
+    story = "\n".join(doc.story(doc.Logs(logs)))
+    assert "OpenVINO export in its default precision (bf16) moved its scores on the same images by up to 1.2% " \
+           "and each map by up to 8.8% of its peak against f32 asked" in story
+
+
+def test_precision_differences_take_each_map_over_its_own_peak():
+    """Two maps with peaks 10 and 2, off by 1 and 0.5 at a low pixel: over their own peaks 10% and
+    25% (over the largest peak, 10% and 5%; elementwise, up to 100%), and scores 4 vs 5, 1 vs 1."""
+    from tools.compare_anomalib import precision_differences
+    reference = np.array([[[10.0, 1.0]], [[2.0, 1.0]]]), np.array([5.0, 1.0])
+    lower = np.array([[[10.0, 2.0]], [[2.0, 0.5]]]), np.array([4.0, 1.0])
+    assert precision_differences(lower, reference) == pytest.approx(
+        {"map_max_difference_over_peak": 0.25, "score_max_relative_difference": 0.2})

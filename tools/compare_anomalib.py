@@ -27,8 +27,10 @@ in fresh processes, the parts interleaved, the medians reported (--parts picks s
              export under OpenVINO's defaults (bf16 where the CPU has it) and in f32: batch-1
              latency (median and mean over the test images) and batch-32 throughput,
              preprocessing excluded, all taking the same normalised arrays; our export the same
-             way under Paddle Inference (oneDNN) in fp32 and in bf16 (--precision fp16), with the
-             largest relative difference of bf16's maps and scores from fp32's;
+             way under Paddle Inference (oneDNN) in fp32 and in bf16 (--precision fp16); what the
+             lower precision costs, for ours (bf16 against fp32) and for OpenVINO (its default
+             against f32 asked) alike: over the test images, the largest relative difference of
+             the scores and of each map the largest difference over that map's peak;
   whole      a lean process that loads anomalib's OpenVINO (default precision, and f32) or ONNX
              export and scores every test image in batches of --batch_size, decoding included,
              nothing drawn, timed from process start to exit; our infer.py on --ours_model the
@@ -60,6 +62,7 @@ import numpy as np  # noqa: E402
 
 from datasets.mvtec import ImageList, MVTecDataset, iterate_batches  # noqa: E402
 from utils.files import write_text_atomically  # noqa: E402
+from utils.numbers import max_difference_of_largest, max_relative_difference  # noqa: E402
 
 BATCH = 32
 RESULT_TAG = "ANOMALIB_RESULT "
@@ -216,8 +219,27 @@ def model_call_timings(call, test_images: np.ndarray, throughput_batches: int) -
             "throughput_b32": float(np.median(rates))}
 
 
+def outputs_over(call, images: np.ndarray) -> tuple:
+    """(maps [N, ...], scores [N]) of ``call`` over ``images`` [N, 3, 224, 224], in batches of 32."""
+    maps, scores = zip(*(call(images[s:s + BATCH]) for s in range(0, len(images), BATCH)))
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def precision_differences(lower: tuple, reference: tuple) -> dict:
+    """How far a lower precision's outputs are from the reference precision's over the same
+    images, each a (maps [N, ...], scores [N]) pair: the largest relative difference of the
+    scores, and of each map the largest difference over that map's peak (a map's low parts have
+    no meaningful elementwise ratio), the largest over the maps."""
+    (maps, scores), (reference_maps, reference_scores) = lower, reference
+    return {"map_max_difference_over_peak": max(max_difference_of_largest(low, high)
+                                                for low, high in zip(maps, reference_maps)),
+            "score_max_relative_difference": max_relative_difference(scores, reference_scores)}
+
+
 def scoring_worker(args) -> dict:
-    """The Gaussian stage alone, then the model called eagerly and through both exports."""
+    """The Gaussian stage alone, then the model called eagerly and through both exports; and how
+    far OpenVINO's default precision is from f32 asked over the test images
+    (:func:`precision_differences`, recorded beside the default's timings)."""
     torch, PadimModel = import_anomalib()
     torch.set_num_threads(args.threads)
     train, test = train_and_test_sets(args)
@@ -247,6 +269,7 @@ def scoring_worker(args) -> dict:
                   "gaussian_score_seconds": gaussian_score, "gaussian_seconds": gaussian_fit + gaussian_score,
                   "eager": model_call_timings(lambda images: model(torch.from_numpy(images)), test_images,
                                               args.throughput_batches)}
+    outputs = {}
     for kind, path in (("openvino", args.openvino_model), ("openvino_fp32", args.openvino_model),
                        ("onnxruntime", args.onnx_model)):
         if path:
@@ -255,14 +278,18 @@ def scoring_worker(args) -> dict:
             setup = time.perf_counter() - tick
             result[kind] = {**settings, "setup_seconds": setup,
                             **model_call_timings(call, test_images, args.throughput_batches)}
+            if kind.startswith("openvino"):     # after the timed calls, which it must not warm
+                outputs[kind] = outputs_over(call, test_images)
+            del call
+    if len(outputs) == 2:
+        result["openvino"].update(precision_differences(outputs["openvino"], outputs["openvino_fp32"]))
     return result
 
 
 def ours_scoring_worker(args) -> dict:
     """Our export under Paddle Inference with oneDNN, fp32 and bf16 (``--precision fp16`` on a
     CPU with bf16; fp32 with a warning elsewhere), timed as anomalib's runtimes above; and how far
-    bf16 is from fp32 over the test images: the largest relative difference of the scores, and of
-    each map the largest difference over that map's peak."""
+    bf16 is from fp32 over the test images (:func:`precision_differences`)."""
     from models.deploy import InferenceSettings, open_deployed
 
     _, test = train_and_test_sets(args)
@@ -274,17 +301,12 @@ def ours_scoring_worker(args) -> dict:
             enable_mkldnn=True, cpu_threads=args.threads, precision=precision, batch_size=BATCH))
         setup = time.perf_counter() - tick
         runtime = deployed.runtime
-        outputs[key] = [np.concatenate(parts) for parts in zip(*(
-            runtime(test_images[s:s + BATCH]) for s in range(0, len(test_images), BATCH)))]
+        outputs[key] = outputs_over(runtime, test_images)
         result[key] = {"precision": runtime.precision, "setup_seconds": setup,
                        **model_call_timings(runtime, test_images, args.throughput_batches)}
         del deployed, runtime
     if result["bf16"]["precision"] == "bf16":
-        (map32, score32), (map16, score16) = outputs["fp32"], outputs["bf16"]
-        peaks = np.abs(map32).reshape(len(map32), -1).max(axis=1)
-        result["bf16"]["map_max_difference_over_peak"] = float(
-            np.max(np.abs(map16 - map32).reshape(len(map32), -1).max(axis=1) / peaks))
-        result["bf16"]["score_max_relative_difference"] = float(np.max(np.abs(score16 - score32) / np.abs(score32)))
+        result["bf16"].update(precision_differences(outputs["bf16"], outputs["fp32"]))
     return result
 
 
@@ -499,6 +521,12 @@ def table_rows(result: dict, args) -> list[tuple[str, str]]:
                          f"{timing['latency_b1_ms']:.1f} / {timing['latency_b1_mean_ms']:.1f} ms, "
                          f"{1e3 / timing['throughput_b32']:.1f} ms/img ({timing['throughput_b32']:.1f} img/s)"))
 
+        def difference_row(name, timing):
+            if "score_max_relative_difference" in timing:
+                rows.append((f"{name}, largest difference: scores (relative) / maps (over the map's peak)",
+                             f"{100 * timing['score_max_relative_difference']:.2f}% / "
+                             f"{100 * timing['map_max_difference_over_peak']:.2f}%"))
+
         for key, name in (("eager", "eager PyTorch"), ("openvino", "OpenVINO export"),
                           ("openvino_fp32", "OpenVINO export, f32 asked"), ("onnxruntime", "ONNX export, onnxruntime")):
             if key in scoring:
@@ -507,10 +535,10 @@ def table_rows(result: dict, args) -> list[tuple[str, str]]:
                 call_row(f"anomalib {name}{detail}", timing)
         for key, timing in ours_calls(scoring).items():
             call_row(f"ours: Paddle Inference, oneDNN, {key} ({timing['precision']})", timing)
-            if "score_max_relative_difference" in timing:
-                rows.append(("ours: bf16 against fp32, largest difference: scores (relative) / maps (over the "
-                             "map's peak)", f"{100 * timing['score_max_relative_difference']:.2f}% / "
-                                            f"{100 * timing['map_max_difference_over_peak']:.2f}%"))
+            difference_row(f"ours: {key} against fp32", timing)
+        if "openvino" in scoring:     # beside ours: the same measure of the same images
+            difference_row(f"anomalib OpenVINO export: default ({scoring['openvino'].get('inference_precision')}) "
+                           f"against f32 asked", scoring["openvino"])
     if "whole" in result:
         names = {"anomalib_openvino": "anomalib OpenVINO export (default precision), lean process",
                  "anomalib_openvino_fp32": "anomalib OpenVINO export, f32 asked, lean process",
