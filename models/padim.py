@@ -327,12 +327,10 @@ class GaussianFit:
         ‖(x - mean) @ whitening‖ is the Mahalanobis distance.
 
         Consumes the fit: on the host the whitening is computed over the Gram matrices, in their
-        dtype, so the peak is the Gram array itself (8·P·d² bytes in float64, 4·P·d² in float32)
-        plus a few slices of positions per thread. A float64 whitening is then narrowed to float32 in
-        the first half of the same memory and the array shrunk to it; where another reference
-        to the Gram array (say a kept ``state()``) prevents the shrink, the float32 whitening is
-        copied out instead, a peak of 12·P·d² bytes. With the Gram on a device, the host holds
-        the float32 whitening, 4·P·d² bytes, and a slice of the Gram at a time.
+        dtype, plus a few slices of positions per thread; a float64 whitening is then copied to
+        float32, a peak of 12·P·d² bytes (4·P·d² for a float32 Gram, which becomes the
+        whitening). With the Gram on a device, the host holds the float32 whitening, 4·P·d²
+        bytes, and a slice of the Gram at a time.
         """
         self._check_started()
         n, positions, d = self.n_, self.positions_, self.d_
@@ -353,7 +351,7 @@ class GaussianFit:
             source = gram if on_host else gram[first:last].numpy()
             offset = 0 if on_host else first
 
-            def work(start, stop):
+            def work(start, stop, source=source, offset=offset):
                 centred = source[start - offset:stop - offset].astype(np.float64, copy=False)
                 slice_mean, slice_whitening = _gaussian(centred, sums[start:stop], n, eps, start)
                 mean[start:stop] = shift[start:stop] + slice_mean
@@ -364,29 +362,8 @@ class GaussianFit:
         if not on_host:
             self._gram = None
             return mean, whitening
-        del whitening   # the fit's own reference is left alone, so that the array can shrink
-        return mean, self._whitened_gram_as_float32()
-
-    def _whitened_gram_as_float32(self) -> np.ndarray:
-        """The host's Gram array, whitened in place by ``finalize``, as float32 [P, d, d]. A
-        float64 array is narrowed in the first half of its own memory, in order, so that each
-        value lands where values were already read, then shrunk to that half (a realloc: no
-        second array)."""
-        whitening, self._gram = self._gram, None
-        if whitening.dtype == np.float32:
-            return whitening
-        shape, count = whitening.shape, whitening.size
-        wide = whitening.reshape(-1)
-        narrow = wide.view(np.float32)[:count]
-        step = 1 << 18
-        for start in range(0, count, step):
-            narrow[start:start + step] = wide[start:start + step]
-        del wide, narrow
-        try:
-            whitening.resize((count + 1) // 2, refcheck=True)
-        except ValueError:   # referenced elsewhere too, e.g. by a kept ``state()``: copied out instead
-            return whitening.reshape(-1).view(np.float32)[:count].reshape(shape).copy()
-        return whitening.view(np.float32)[:count].reshape(shape)
+        self._gram = None
+        return mean, whitening.astype(np.float32, copy=False)
 
     # ---- helpers
 

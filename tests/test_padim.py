@@ -156,26 +156,6 @@ def test_the_gram_matrices_are_float64_within_their_memory_budget(backend):
         assert_close(whitening, reference_whitening(ref_cov), 1e-5)
 
 
-@pytest.mark.parametrize("keep_state", [False, True])
-def test_a_float64_fit_returns_its_whitening_in_the_gram_memory(keep_state):
-    """On the host the float32 whitening takes the first half of the float64 Gram array, which is
-    then shrunk to it: no second array. A state kept by the caller still references the Gram
-    array: then the whitening is a copy, with the same values."""
-    features = correlated_features(n=20, d=6, positions=5, seed=8)
-    gaussian = new_fit("numpy", 6)
-    for batch in batches(features, 7, "numpy"):
-        gaussian.update(batch)
-    kept = gaussian.state() if keep_state else None
-    mean, whitening = gaussian.finalize(0.01)
-    ref_mean, ref_cov = reference_gaussian(features)
-    assert whitening.dtype == np.float32 and whitening.shape == (5, 6, 6)
-    assert_close(mean, ref_mean, 1e-6)
-    assert_close(whitening, reference_whitening(ref_cov), 1e-6)
-    owner = whitening if whitening.base is None else whitening.base
-    assert owner.nbytes == whitening.nbytes and whitening.flags.owndata == keep_state
-    del kept
-
-
 def test_paddle_backend_keeps_its_sums_on_the_device_and_equals_the_numpy_backend():
     features = correlated_features(n=23, d=7, positions=10, seed=6)
     fits = {backend: new_fit(backend, 7) for backend in BACKENDS}
