@@ -472,7 +472,9 @@ def all_reduce_sum(array, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """Sum ``array`` over all ranks in place, computed in float64 (int64 for integer arrays),
     and return it. A NumPy array (host) or a Paddle tensor (any device) of any shape, e.g. a
     [P, d, d] Gram stack: it goes in slices along axis 0 of at most ``chunk_bytes`` as float64,
-    so no rank holds a second full copy. A float32 array gets the float64 sum rounded once.
+    so no rank holds a second full copy. A float64 array (a fit's sums, and its Gram matrices
+    where they fit models.padim's GRAM_FLOAT64_MAX_BYTES) is summed as it is; a float32 one
+    (WR50-Rd550's Gram) gets the float64 sum rounded once.
     Call it right after a ``step``, on every rank, with the same shape. Without the launcher:
     the array unchanged."""
     ctx = context()

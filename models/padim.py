@@ -113,6 +113,27 @@ class Embedding(nn.Layer):
 
 # --------------------------------------------------------------------------- Gaussian
 
+# The Gram matrices are summed in float64 whenever their float64 array takes at most this many
+# bytes. In float64 the model does not depend, to float32 output precision, on how the images
+# are grouped into batches or split over processes; in float32 every grouping rounds the sums
+# differently, and the whitening inherits that rounding times the covariance's condition
+# number. The array is P·d²·8 bytes: at 224 pixels ResNet18 and MobileNetV2 (d=100) take a few
+# hundred MB. d=550 (WR50-Rd550, ResNet50: 7.6 GB in float64) is the exception: float64 would
+# double the fit's largest array, so there the Gram matrices stay float32, centred to keep them
+# accurate.
+GRAM_FLOAT64_MAX_BYTES = 2 << 30
+# The NumPy backend holds on to incoming batches, up to half the Gram array's bytes and at most
+# this many, and adds their products in one pass over the Gram array: the array is far larger
+# than the caches, so each pass costs memory traffic, and a few large products keep BLAS busier
+# than many small ones. The cap keeps WR50-Rd550's batches of 32 (7 MB an image) from being held.
+HELD_EMBEDDINGS_MAX_BYTES = 256 << 20
+
+
+def gram_dtype(positions: int, d: int, float64_max_bytes: int = GRAM_FLOAT64_MAX_BYTES) -> str:
+    """'float64' when P Gram matrices d×d fit ``float64_max_bytes`` in float64, else 'float32'."""
+    return "float64" if positions * d * d * 8 <= float64_max_bytes else "float32"
+
+
 @dataclass
 class GaussianSums:
     """A fit's sufficient statistics, taken about ``shift``: all that a ``GaussianFit`` keeps.
@@ -120,12 +141,13 @@ class GaussianSums:
     n      images added
     shift  [P, d] float32, the centre of the sums (the first batch's mean)
     sums   [P, d] float64, Σ (x - shift)
-    gram   [P, d, d] float32, Σ (x - shift)(x - shift)ᵀ
+    gram   [P, d, d] float64, Σ (x - shift)(x - shift)ᵀ; float32 where the float64 array would
+           exceed ``GRAM_FLOAT64_MAX_BYTES`` (``gram_dtype``)
 
     NumPy arrays in the NumPy backend, Paddle tensors in the Paddle backend. Two fits' sums about
     the same shift add up to the sums of one fit on all their images: a data-parallel fit brings
-    its ranks to one shift (``GaussianFit.recentre``), all-reduces n, sums and gram, and loads
-    the totals (``GaussianFit.load_state``).
+    its ranks to one shift (``GaussianFit.recentre``), all-reduces n, sums and gram in float64,
+    and loads the totals (``GaussianFit.load_state``).
     """
     n: int
     shift: Any
@@ -137,29 +159,29 @@ class GaussianFit:
     """Streaming per-position mean and covariance of embeddings [P, B, d], then the whitening
     that turns them into Mahalanobis distances.
 
-    Memory is O(P·d²) whatever the number of images, and no embedding is kept: the fit holds
-    ``GaussianSums``. Centring on the first batch's mean keeps the products accurate (no
-    cancellation between Σxxᵀ and n·μμᵀ), which lets the Gram matrices stay float32: in float64
-    they would double the largest array (WR50-Rd550: d=550, P=3136, 3.8 GB in float32). The
-    per-position sums are float64, and so is everything ``finalize`` computes from them.
+    Memory is O(P·d²) whatever the number of images: the fit holds ``GaussianSums`` (and, on
+    the host, recent batches until they are added, at most half the Gram's bytes and
+    ``held_max_bytes``). The per-position sums are float64, and so are the Gram matrices and
+    their batch products, each batch centred in float64 on the first batch's mean (no
+    cancellation between Σxxᵀ and n·μμᵀ), unless the float64 Gram array would exceed
+    ``float64_max_bytes`` (``gram_dtype``): then the Gram matrices and products are float32,
+    which the centring keeps accurate. ``finalize`` computes in float64 either way.
 
     Two backends, chosen once at construction (``backend``; default: 'numpy' when Paddle's
     device is the CPU, else 'paddle'):
 
-    - 'numpy': on the host, the batch's Gram matrices by batched BLAS over slices of positions,
-      the slices spread over ``threads`` threads (BLAS at one thread each: these are many small
-      products, where BLAS's own threading only adds overhead);
+    - 'numpy': on the host, the Gram matrices of several batches at once by batched BLAS over
+      slices of positions, the slices spread over ``threads`` threads (BLAS at one thread each:
+      these are many small products, where BLAS's own threading only adds overhead);
     - 'paddle': Paddle tensors on the current device; the sums stay there across updates and
       are copied to the host only in ``finalize``, a slice of positions at a time.
 
     ``finalize`` runs on the host for both, in float64 over slices of positions in threads: the
-    batched Cholesky factor L of cov = N-1 estimate + eps·I, then L's inverse. It writes the
-    whitening over the Gram array slice by slice (the NumPy backend; the Paddle backend's Gram
-    stays on the device and its slices land in the host array that becomes the whitening), so
-    no memory ever holds two [P, d, d] arrays.
+    batched Cholesky factor L of cov = N-1 estimate + eps·I, then L's inverse.
     """
 
-    def __init__(self, backend: str | None = None, threads: int | None = None, chunk_bytes: int = 16 << 20):
+    def __init__(self, backend: str | None = None, threads: int | None = None, chunk_bytes: int = 16 << 20,
+                 float64_max_bytes: int = GRAM_FLOAT64_MAX_BYTES, held_max_bytes: int = HELD_EMBEDDINGS_MAX_BYTES):
         if backend is None:
             backend = "numpy" if paddle.get_device() == "cpu" else "paddle"
         if backend not in ("numpy", "paddle"):
@@ -167,20 +189,25 @@ class GaussianFit:
         self.backend = backend
         self.threads = threads or available_cpus()
         self.chunk_bytes = chunk_bytes
+        self.float64_max_bytes = float64_max_bytes
+        self.held_max_bytes = held_max_bytes
         self.n_ = 0
-        self.positions_ = self.d_ = None
+        self.positions_ = self.d_ = self.gram_dtype_ = None
         self._shift = self._sums = self._gram = None
+        self._held, self._held_count = [], 0        # NumPy backend: batches not yet added, their image count
         self._finalized = False
 
     # ---- streaming
 
     @paddle.no_grad()
     def update(self, embeddings) -> "GaussianFit":
-        """Add a batch of embeddings [P, B, d] (a Paddle tensor or a NumPy array)."""
+        """Add a batch of embeddings [P, B, d] (a Paddle tensor or a NumPy array). The NumPy
+        backend may keep the batch's host array, without a copy, until later batches join it
+        (``state``, ``recentre`` and ``finalize`` add what is held): don't write into it."""
         self._check_not_finalized()
         positions, batch, d = self._check_shape(embeddings, "embeddings")
         if self._shift is None:
-            self.positions_, self.d_ = positions, d
+            self._set_shape(positions, d)
         elif (positions, d) != (self.positions_, self.d_):
             raise ValueError(f"embeddings of {positions} positions x {d} channels after "
                              f"{self.positions_} x {self.d_}")
@@ -195,11 +222,35 @@ class GaussianFit:
         if self._shift is None:
             self._shift = x.mean(axis=1, dtype=np.float64).astype(np.float32)
             self._sums = np.zeros((self.positions_, self.d_), dtype=np.float64)
-            self._gram = np.zeros((self.positions_, self.d_, self.d_), dtype=np.float32)
+            self._gram = np.zeros((self.positions_, self.d_, self.d_), dtype=self.gram_dtype_)
+        capacity = min(self.held_max_bytes, self._gram.nbytes // 2) // (self.positions_ * self.d_ * 4)
+        batch = x.shape[1]
+        if self._held_count + batch > capacity:
+            self._add_held()
+        if 2 * batch > capacity:   # no other batch of its size would join it
+            self._add_products([x])
+        else:
+            self._held.append(x)
+            self._held_count += batch
+
+    def _add_held(self) -> None:
+        """Add the held batches' products to the sums."""
+        if self._held:
+            self._add_products(self._held)
+            self._held, self._held_count = [], 0
+
+    def _add_products(self, batches: list) -> None:
+        """Add batches of embeddings [P, B_i, d] float32 to the host's sums, as one block per
+        slice of positions centred in the Gram's dtype."""
         shift, sums, gram = self._shift, self._sums, self._gram
+        count = sum(x.shape[1] for x in batches)
 
         def work(start, stop):
-            block = x[start:stop] - shift[start:stop, None, :]                  # [p, B, d]
+            block = np.empty((stop - start, count, self.d_), dtype=gram.dtype)               # [p, B, d]
+            first = 0
+            for x in batches:
+                np.subtract(x[start:stop], shift[start:stop, None, :], out=block[:, first:first + x.shape[1]])
+                first += x.shape[1]
             sums[start:stop] += block.sum(axis=1, dtype=np.float64)
             gram[start:stop] += np.matmul(block.transpose(0, 2, 1), block)
 
@@ -209,12 +260,12 @@ class GaussianFit:
         if self._shift is None:
             self._shift = x.mean(axis=1)
             self._sums = paddle.zeros([self.positions_, self.d_], dtype="float64")
-            self._gram = paddle.zeros([self.positions_, self.d_, self.d_], dtype="float32")
-        x = x - self._shift.unsqueeze(1)
-        self._sums += paddle.sum(x, axis=1, dtype="float64")
+            self._gram = paddle.zeros([self.positions_, self.d_, self.d_], dtype=self.gram_dtype_)
+        shift = self._shift.astype(self.gram_dtype_)
         # a slice at a time: the batch's products need no second [P, d, d] array
         for start, stop in self._slices():
-            block = x[start:stop]
+            block = x[start:stop].astype(self.gram_dtype_) - shift[start:stop].unsqueeze(1)
+            self._sums[start:stop] += paddle.sum(block, axis=1, dtype="float64")
             self._gram[start:stop] += paddle.matmul(block, block, transpose_x=True)
 
     # ---- the sums, for fits split over processes
@@ -222,11 +273,13 @@ class GaussianFit:
     def state(self) -> GaussianSums:
         """The fit's own arrays (not copies), so that an all-reduce can sum them in place."""
         self._check_started()
+        self._add_held()
         return GaussianSums(self.n_, self._shift, self._sums, self._gram)
 
     def load_state(self, state: GaussianSums) -> None:
         """Replace the sums, e.g. by their totals over ranks after an all-reduce; arrays of
-        either kind are converted to this backend's (shift float32, sums float64, gram float32)."""
+        either kind are converted to this backend's (shift float32, sums float64, gram in
+        ``gram_dtype`` of its shape)."""
         shape = tuple(state.sums.shape)
         if len(shape) != 2 or tuple(state.shift.shape) != shape or tuple(state.gram.shape) != (*shape, shape[1]):
             raise ValueError(f"inconsistent sums: shift {list(state.shift.shape)}, sums {list(state.sums.shape)}, "
@@ -234,10 +287,12 @@ class GaussianFit:
         if self._shift is not None and shape != (self.positions_, self.d_):
             raise ValueError(f"sums of {shape[0]} positions x {shape[1]} channels for a fit of "
                              f"{self.positions_} x {self.d_}")
+        self._set_shape(*shape)
+        self._held, self._held_count = [], 0
         convert = _as_numpy if self.backend == "numpy" else _as_tensor
         self._shift, self._sums, self._gram = (convert(state.shift, "float32"), convert(state.sums, "float64"),
-                                               convert(state.gram, "float32"))
-        self.n_, (self.positions_, self.d_), self._finalized = int(state.n), shape, False
+                                               convert(state.gram, self.gram_dtype_))
+        self.n_, self._finalized = int(state.n), False
 
     @paddle.no_grad()
     def recentre(self, shift) -> None:
@@ -249,6 +304,7 @@ class GaussianFit:
             Σ(x - new)(x - new)ᵀ  = G + S δᵀ + δ Sᵀ + n·δ δᵀ
         """
         self._check_started()
+        self._add_held()
         convert = _as_numpy if self.backend == "numpy" else _as_tensor
         new = convert(shift, "float32")
         if tuple(new.shape) != (self.positions_, self.d_):
@@ -259,7 +315,7 @@ class GaussianFit:
             s, dl = sums[start:stop], delta[start:stop]
             moved = (gram[start:stop].astype("float64") + s[:, :, None] * dl[:, None, :]
                      + dl[:, :, None] * s[:, None, :] + n * dl[:, :, None] * dl[:, None, :])
-            gram[start:stop] = moved.astype("float32")
+            gram[start:stop] = moved.astype(self.gram_dtype_)
         self._sums = sums + n * delta
         self._shift = new
 
@@ -270,40 +326,54 @@ class GaussianFit:
         estimate + eps·I; ``whitening`` is L⁻ᵀ for the Cholesky factor L of each covariance, so
         ‖(x - mean) @ whitening‖ is the Mahalanobis distance.
 
-        Consumes the fit (the Gram array becomes the whitening).
+        Consumes the fit: on the host the whitening is computed over the Gram matrices, in their
+        dtype, plus a few slices of positions per thread; a float64 whitening is then copied to
+        float32, a peak of 12·P·d² bytes (4·P·d² for a float32 Gram, which becomes the
+        whitening). With the Gram on a device, the host holds the float32 whitening, 4·P·d²
+        bytes, and a slice of the Gram at a time.
         """
         self._check_started()
         n, positions, d = self.n_, self.positions_, self.d_
         if n < 2:
             raise ValueError(f"need at least 2 training images to fit a covariance, got {n}")
+        self._add_held()
         shift, sums = _as_numpy(self._shift, "float32"), _as_numpy(self._sums, "float64")
         mean = np.empty((positions, d), dtype=np.float32)
-        gram, self._gram, self._finalized = self._gram, None, True
-        if self.backend == "numpy":   # the whitening is written over the Gram matrices
-            whitening, transfers = gram, [(0, positions)]
-        else:                         # each slice of the device's Gram matrices lands where its whitening goes
-            whitening, transfers = np.empty((positions, d, d), dtype=np.float32), self._slices()
+        self._finalized = True
+        on_host = self.backend == "numpy"
+        gram = self._gram
+        whitening = gram if on_host else np.empty((positions, d, d), dtype=np.float32)
         # float64 slices small enough to stay in cache
         step = max(1, (3 << 19) // (d * d * 8))
 
-        def work(start, stop):
-            slice_mean, slice_whitening = _gaussian(whitening[start:stop].astype(np.float64), sums[start:stop], n,
-                                                    eps, start)
-            mean[start:stop] = shift[start:stop] + slice_mean
-            whitening[start:stop] = slice_whitening
+        for first, last in [(0, positions)] if on_host else self._slices():
+            # the device's Gram matrices come to the host a slice at a time
+            source = gram if on_host else gram[first:last].numpy()
+            offset = 0 if on_host else first
 
-        for first, last in transfers:
-            if self.backend == "paddle":
-                whitening[first:last] = gram[first:last].numpy()
+            def work(start, stop, source=source, offset=offset):
+                centred = source[start - offset:stop - offset].astype(np.float64, copy=False)
+                slice_mean, slice_whitening = _gaussian(centred, sums[start:stop], n, eps, start)
+                mean[start:stop] = shift[start:stop] + slice_mean
+                whitening[start:stop] = slice_whitening
+
             run_over_chunks(work, [(s, min(s + step, last)) for s in range(first, last, step)], self.threads)
-        del gram
-        return mean, whitening
+        del gram, source, work
+        if not on_host:
+            self._gram = None
+            return mean, whitening
+        self._gram = None
+        return mean, whitening.astype(np.float32, copy=False)
 
     # ---- helpers
 
+    def _set_shape(self, positions: int, d: int) -> None:
+        self.positions_, self.d_ = positions, d
+        self.gram_dtype_ = gram_dtype(positions, d, self.float64_max_bytes)
+
     def _slices(self, max_positions: int | None = None) -> list:
         """Slices of positions whose Gram matrices take at most ``chunk_bytes``."""
-        step = max(1, self.chunk_bytes // (self.d_ * self.d_ * 4))
+        step = max(1, self.chunk_bytes // (self.d_ * self.d_ * np.dtype(self.gram_dtype_).itemsize))
         step = min(step, max_positions) if max_positions else step
         return [(start, min(start + step, self.positions_)) for start in range(0, self.positions_, step)]
 
@@ -315,7 +385,7 @@ class GaussianFit:
 
     def _check_not_finalized(self) -> None:
         if self._finalized:
-            raise RuntimeError("this fit was finalized: its Gram matrices became the whitening")
+            raise RuntimeError("this fit was finalized: its sums became the whitening")
 
     def _check_started(self) -> None:
         self._check_not_finalized()
@@ -325,17 +395,20 @@ class GaussianFit:
 
 def _gaussian(gram: np.ndarray, sums: np.ndarray, n: int, eps: float, first_position: int):
     """Sums of n images about a shift, Σ(x - shift) [p, d] and Σ(x - shift)(x - shift)ᵀ [p, d, d]
-    (float64) -> (mean - shift [p, d], whitening L⁻ᵀ [p, d, d]) in float64, for cov = N-1
-    estimate + eps·I."""
-    centred_mean = sums / n
-    cov = (gram - n * centred_mean[:, :, None] * centred_mean[:, None, :]) / (n - 1)
-    d = cov.shape[1]
-    cov[:, np.arange(d), np.arange(d)] += eps
-    finite = np.isfinite(cov).all(axis=(1, 2))
+    (float64; ``gram`` is overwritten) -> (mean - shift [p, d], whitening L⁻ᵀ [p, d, d]) in
+    float64, for cov = N-1 estimate + eps·I."""
+    diagonal = np.einsum("pii->pi", gram)   # a view; a non-finite embedding shows in Σx and in Σx²
+    finite = np.isfinite(sums).all(axis=1) & np.isfinite(diagonal).all(axis=1)
     if not finite.all():
         raise ValueError(f"the embeddings at feature position {first_position + int(np.argmin(finite))} are not "
                          "finite (NaN or inf): check the backbone weights and the input images")
-    return centred_mean, _whitening(cov, first_position)
+    centred_mean = sums / n
+    # (n - 1)·cov, in place; its factor is √(n - 1)·L, so L⁻ᵀ is √(n - 1) times the factor's inverse
+    gram -= (n * centred_mean)[:, :, None] * centred_mean[:, None, :]
+    diagonal += (n - 1) * eps
+    whitening = _whitening(gram, first_position)
+    whitening *= np.sqrt(n - 1)
+    return centred_mean, whitening
 
 
 def _whitening(cov: np.ndarray, first_position: int = 0) -> np.ndarray:
@@ -419,15 +492,20 @@ _BLAS = []   # one threadpoolctl controller: building one scans every loaded lib
 
 def run_over_chunks(work, chunks, threads: int) -> None:
     """``work(start, stop)`` for every chunk, on ``threads`` threads with BLAS at one thread each
-    (NumPy and SciPy release the GIL in their BLAS/LAPACK calls and ufunc loops)."""
-    if threads <= 1 or len(chunks) <= 1:
+    (NumPy and SciPy release the GIL in their BLAS/LAPACK calls and ufunc loops). With one
+    thread, BLAS stays at one thread too: its own threads only slow these small products down."""
+    if len(chunks) <= 1 and threads > 1:   # one piece of work: BLAS may spread it over its threads
         for start, stop in chunks:
             work(start, stop)
         return
     if not _BLAS:
         _BLAS.append(ThreadpoolController())
-    pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="padim"))
     with _BLAS[0].limit(limits=1, user_api="blas"):
+        if threads <= 1:
+            for start, stop in chunks:
+                work(start, stop)
+            return
+        pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="padim"))
         for future in [pool.submit(work, start, stop) for start, stop in chunks]:
             future.result()
 

@@ -9,9 +9,14 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from models.padim import (AnomalyMap, Embedding, GaussianFit, GaussianSums, PaDiM, channel_indices,
-                          covariance_from_whitening, grouped_by_stage, mahalanobis, mahalanobis_on_host)
+                          covariance_from_whitening, gram_dtype, grouped_by_stage, mahalanobis, mahalanobis_on_host)
 
 BACKENDS = ["numpy", "paddle"]   # the Paddle backend runs here on CPU tensors
+# memory budgets for the Gram matrices in float64 (GaussianFit's float64_max_bytes): the default,
+# which every fit here is far below, and none, the float32 Gram of the largest models
+GRAM_BUDGETS = {"float64": None, "float32": 0}
+# how close the whitening comes to float64 NumPy's, relative to each position's largest entry
+WHITENING_RTOL = {"float64": 1e-6, "float32": 5e-5}
 
 
 def correlated_features(n, d, positions, seed=0):
@@ -23,11 +28,27 @@ def correlated_features(n, d, positions, seed=0):
     return features.astype(np.float32)
 
 
+def ill_conditioned_features(n, d, positions, seed=0):
+    """[P, N, d] float32 embeddings whose covariance at each position has its variances spread
+    over three decades along random directions, about a mean far from zero: the sums then
+    need float64, as float32 Gram matrices move the whitening by some 1e-5 of its largest entry."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(positions, d, d)))[0]
+    base = rng.normal(size=(positions, n, d)) * 10.0 ** np.linspace(0, -1.5, d)
+    features = np.einsum("pnk,pdk->pnd", base, directions) + rng.normal(size=(positions, 1, d)) * 5
+    return features.astype(np.float32)
+
+
 def reference_gaussian(features, eps=0.01):
     """The original's per-position loop: np.cov(rowvar=False) + eps·I, in float64 -> (mean, cov)."""
     x = features.astype(np.float64)
     cov = np.stack([np.cov(x[p], rowvar=False) + eps * np.eye(x.shape[2]) for p in range(len(x))])
     return x.mean(axis=1), cov
+
+
+def reference_whitening(cov):
+    """L⁻ᵀ for the Cholesky factor L of each float64 covariance [P, d, d]."""
+    return np.linalg.inv(np.linalg.cholesky(cov)).transpose(0, 2, 1)
 
 
 def reference_distances(test, mean, cov):
@@ -55,13 +76,18 @@ def batches(features, batch_size, backend):
         yield paddle.to_tensor(batch) if backend == "paddle" else batch
 
 
-def new_fit(backend, d):
-    """Slices of 3 positions (the last one shorter), two threads."""
-    return GaussianFit(backend=backend, threads=2, chunk_bytes=3 * 4 * d * d)
+def dtype_name(array):
+    return str(array.dtype).replace("paddle.", "")
 
 
-def fit(features, batch_size, backend="numpy", eps=0.01):
-    gaussian = new_fit(backend, features.shape[2])
+def new_fit(backend, d, gram="float64"):
+    """Slices of 3 positions (the last one shorter), two threads; ``gram``: the Gram's dtype."""
+    budget = {} if GRAM_BUDGETS[gram] is None else {"float64_max_bytes": GRAM_BUDGETS[gram]}
+    return GaussianFit(backend=backend, threads=2, chunk_bytes=3 * 4 * d * d, **budget)
+
+
+def fit(features, batch_size, backend="numpy", eps=0.01, gram="float64"):
+    gaussian = new_fit(backend, features.shape[2], gram)
     for batch in batches(features, batch_size, backend):
         gaussian.update(batch)
     return gaussian.finalize(eps)
@@ -69,16 +95,65 @@ def fit(features, batch_size, backend="numpy", eps=0.01):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_size", [1, 7, 40])
-def test_fit_matches_numpy_cov_reference(backend, batch_size):
+@pytest.mark.parametrize("gram", GRAM_BUDGETS)
+def test_fit_matches_numpy_cov_reference(backend, batch_size, gram):
     features = correlated_features(n=40, d=10, positions=13)
-    mean, whitening = fit(features, batch_size, backend)
+    mean, whitening = fit(features, batch_size, backend, gram=gram)
     ref_mean, ref_cov = reference_gaussian(features)
     assert mean.dtype == whitening.dtype == np.float32
     assert_close(mean, ref_mean, 1e-6)
     assert_close(covariance_from_whitening(whitening), ref_cov, 1e-5)
     # the whitening is L⁻ᵀ of the Cholesky factor L of the covariance
-    np.testing.assert_allclose(whitening, np.linalg.inv(np.linalg.cholesky(ref_cov)).transpose(0, 2, 1),
-                               rtol=1e-5, atol=1e-5 * np.abs(whitening).max())
+    assert_close(whitening, reference_whitening(ref_cov), WHITENING_RTOL[gram])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_model_is_the_same_however_the_images_are_grouped_or_split(backend):
+    """Batches of one image, one batch of all, and two fits whose sums are brought to one shift
+    and added in float64 (two ranks of a data-parallel fit): the same mean and whitening, within
+    1e-6 of each other and of float64 np.cov + eps·I and its Cholesky factor's inverse."""
+    features, eps = ill_conditioned_features(n=48, d=8, positions=5), 1e-4
+    models = {"batches of 1": fit(features, 1, backend, eps), "one batch": fit(features, 48, backend, eps)}
+    halves = [new_fit(backend, 8), new_fit(backend, 8)]
+    for gaussian, part in zip(halves, (features[:, :19], features[:, 19:])):
+        for batch in batches(part, 6, backend):
+            gaussian.update(batch)
+    states = [gaussian.state() for gaussian in halves]
+    pooled = sum(s.n * float64(s.shift) + float64(s.sums) for s in states) / sum(s.n for s in states)
+    for gaussian in halves:
+        gaussian.recentre(pooled)
+    states = [gaussian.state() for gaussian in halves]
+    assert all(dtype_name(s.gram) == "float64" for s in states)
+    merged = new_fit(backend, 8)
+    merged.load_state(GaussianSums(sum(s.n for s in states), states[0].shift, sum(float64(s.sums) for s in states),
+                                   sum(float64(s.gram) for s in states)))
+    models["two ranks"] = merged.finalize(eps)
+    ref_mean, ref_cov = reference_gaussian(features, eps)
+    ref_whitening = reference_whitening(ref_cov)
+    for mean, whitening in models.values():
+        assert_close(mean, ref_mean, 1e-6)
+        assert_close(whitening, ref_whitening, 1e-6)
+    (mean, whitening), *others = models.values()
+    for other_mean, other_whitening in others:
+        assert_close(other_mean, mean, 1e-6)
+        assert_close(other_whitening, whitening, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gram_matrices_are_float64_within_their_memory_budget(backend):
+    """float64 up to ``float64_max_bytes`` of Gram array, float32 beyond; by default float64 for
+    ResNet18's d=100 at 56 x 56 positions, float32 for WR50-Rd550's d=550."""
+    assert (gram_dtype(3136, 100), gram_dtype(3136, 550)) == ("float64", "float32")
+    features = correlated_features(n=9, d=4, positions=3, seed=9)
+    ref_mean, ref_cov = reference_gaussian(features)
+    for budget, dtype in ((3 * 4 * 4 * 8, "float64"), (3 * 4 * 4 * 8 - 1, "float32")):
+        gaussian = GaussianFit(backend=backend, threads=2, float64_max_bytes=budget)
+        gaussian.update(features[:, :5]).update(features[:, 5:])
+        assert dtype_name(gaussian.state().gram) == dtype
+        mean, whitening = gaussian.finalize(0.01)
+        assert mean.dtype == whitening.dtype == np.float32
+        assert_close(mean, ref_mean, 1e-6)
+        assert_close(whitening, reference_whitening(ref_cov), 1e-5)
 
 
 def test_paddle_backend_keeps_its_sums_on_the_device_and_equals_the_numpy_backend():
@@ -89,7 +164,7 @@ def test_paddle_backend_keeps_its_sums_on_the_device_and_equals_the_numpy_backen
             gaussian.update(batch)
     state = fits["paddle"].state()
     assert all(isinstance(a, paddle.Tensor) for a in (state.shift, state.sums, state.gram))
-    assert state.sums.dtype == paddle.float64 and state.n == 23
+    assert state.sums.dtype == state.gram.dtype == paddle.float64 and state.n == 23
     host = fits["numpy"].state()
     np.testing.assert_allclose(state.shift.numpy(), host.shift, rtol=1e-6)
     np.testing.assert_allclose(state.sums.numpy(), host.sums, rtol=1e-5, atol=1e-5)

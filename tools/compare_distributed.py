@@ -7,8 +7,9 @@ the thresholds stored in the model, the figures, and the time each took.
 
 One process uses every CPU available; under the launcher each rank gets its share of them
 (utils/numbers.py's available_cpus). A third run, one process with another --batch_size, is the
-yardstick for the model arrays: the Gram matrices are summed in float32, so any other grouping of
-the images moves the arrays about as much as splitting them over ranks does.
+yardstick for the model arrays: the sums are float64 (the Gram matrices too, unless they would
+outgrow models/padim.py's GRAM_FLOAT64_MAX_BYTES, as WR50-Rd550's do), so another grouping of the
+images moves the arrays by float32 rounding, about as little as splitting them over ranks does.
 """
 from __future__ import annotations
 
@@ -160,6 +161,7 @@ def print_costs(args, model, train_log: str) -> None:
     rng = np.random.default_rng(0)
     for _ in range(2):
         fit.update(rng.standard_normal((positions, 32, d), dtype=np.float32))
+    fit.state()   # adds any batches the fit held, so that only the finalize is timed
     tick = time.perf_counter()
     fit.finalize()
     finalize = time.perf_counter() - tick
