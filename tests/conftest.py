@@ -18,6 +18,14 @@ def run_script(script, *args, env=None, cwd=None):
                           text=True, env=merged, cwd=cwd or ROOT, timeout=600)
 
 
+def run_scripts(calls, at_once: int = 4):
+    """``run_script(*call)`` for every call (a tuple: script, args...), several at a time: most
+    of a failing run is Python and Paddle starting, which overlaps well. Results in call order."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda call: run_script(*call), calls))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The default demo category, generated once for the whole test session."""

@@ -4,6 +4,7 @@ import random
 
 import pytest
 from conftest import run_script as run
+from conftest import run_scripts
 from PIL import Image
 
 
@@ -124,13 +125,14 @@ def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
         (("train.py", "--resize", "256", "--crop_size", "none", "--data_path", corrupt, "--category", "tiny"),
          "--crop_size none needs an exact --resize HxW"),
         (("train.py", "--false_alarm_rate", "1"), "expected a rate strictly between 0 and 1"),
-        (("val.py", "--model_path", model, "--backbone", "resnet18"), "was fitted with backbone mobilenet_v2"),
-        (("val.py", "--model_path", damaged), "not a PaDiM-Paddle model file"),
+        # each its own --save_path: run at once, they would otherwise wait for each other's folder lock
+        (("val.py", "--model_path", model, "--backbone", "resnet18", "--save_path", tmp_path / "val1"),
+         "was fitted with backbone mobilenet_v2"),
+        (("val.py", "--model_path", damaged, "--save_path", tmp_path / "val2"), "not a PaDiM-Paddle model file"),
         (("predict.py", "--model_path", tmp_path / "nothing.pdparams"), "model file not found"),
         (("predict.py", "--model_path", model, "--picture_path", tmp_path / "nope.png"), "picture not found"),
     ]
-    for args, message in cases:
-        result = run(*args)
+    for (args, message), result in zip(cases, run_scripts([args for args, _ in cases])):
         assert result.returncode == 2, (args, result.stdout[-2000:], result.stderr[-2000:])
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, args
