@@ -133,9 +133,10 @@ def main() -> None:
     print(f"scores.csv: {len(rows_b)} vs {len(rows_a)} images, same images in the same order: {same_images}; "
           f"{identical_rows} scores identical to 6 decimals; largest relative difference "
           f"{float(np.max(np.abs(scores_b - scores_a) / np.abs(scores_a))):.1e}")
-    stored_a, stored_b = a.meta.thresholds, b.meta.thresholds
-    print("thresholds stored in the model: "
-          + ", ".join(f"{key} {stored_b[key]!r} vs {stored_a[key]!r}" for key in ("image_threshold", "pixel_threshold")))
+    stored_a, stored_b = a.meta.calibration.to_dict(), b.meta.calibration.to_dict()
+    print("thresholds stored in the model (N processes vs 1): "
+          + ", ".join(f"{key} {stored_b[key]!r} vs {stored_a[key]!r}"
+                      for key in ("image_threshold", "pixel_threshold", "f1_image_threshold", "f1_pixel_threshold")))
     figures = [len(list(folder.glob(f"{category}_*.png"))) for folder in (first, second)]
     print(f"figures: {figures[1]} vs {figures[0]}; roc_curve.png: {(second / 'roc_curve.png').is_file()}")
     positions, d = a.arrays["mean"].shape

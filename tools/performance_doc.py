@@ -313,8 +313,10 @@ def story(logs: Logs) -> list:
                        f"covariance or an embedding.")
     gauss = r.get("gaussian")
     if gauss:
-        line = (f"- **The Gaussian stage runs in NumPy/LAPACK.** float64 sums per position, the batches' Gram "
-                f"products by batched BLAS over slices of positions in threads, then a batched float64 Cholesky "
+        line = (f"- **The Gaussian stage runs in NumPy/LAPACK.** float64 sums and Gram matrices per position "
+                f"(float32 Gram matrices where their float64 array would pass 2 GiB, as for WR50-Rd550), the "
+                f"batches' Gram products by batched BLAS over slices of positions in threads, then a batched "
+                f"float64 Cholesky "
                 f"and a block triangular inverse per position. Against the original's per-patch loop (`np.cov` + "
                 f"0.01·I, then scipy's `mahalanobis` per patch) on the same embeddings, fit + scoring took "
                 f"{secs(gauss['vectorised_seconds'])} vs {secs(gauss['loop_seconds'])}, "
