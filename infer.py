@@ -95,55 +95,52 @@ def main(argv=None):
     images = ImageList(args.input_file, meta["resize"], meta["crop_size"], with_display=args.save_picture)
     # Decoding starts now, in threads, while the runtime loads (that leaves a core free).
     batches = Prefetched(iterate_batches(images, args.batch_size, args.num_workers, skip_errors=True))
-    try:
+    with batches:   # its thread stops however the rest ends
         runtime = build_runtime(model_file, backend, meta, args.params_file, settings, logger)
-    except BaseException:
-        batches.close()
-        raise
-    category = args.category or meta["category"]
-    image_threshold, pixel_threshold, source = verdict_thresholds(meta["thresholds"], args.threshold,
-                                                                  args.pixel_threshold)
-    print("Inference model(PaDiM)...")
-    logger.info(f"model {model_file} ({runtime.backend}, {meta['backbone']}, {meta['category']}); "
-                f"image threshold {image_threshold:.4f}, pixel threshold {pixel_threshold:.4f} from {source}")
-    chunks = [list(range(start, min(start + args.batch_size, len(images))))
-              for start in range(0, len(images), args.batch_size)]
-    autolog = None
-    if args.enable_benchmark:
-        from utils.autolog import auto_log_available, create_autolog
-        use_auto_log = runtime.backend == "paddle" and auto_log_available()
-        log_dir = Path(args.save_path)
-        if log_dir.suffix.lower() in SINGLE_PICTURE_SUFFIXES:
-            log_dir = log_dir.parent
-        # auto_log reads the Paddle Config itself; ours is given what was really configured.
-        autolog = create_autolog(
-            model_name="PaDiM", model_precision=runtime.precision, batch_size=args.batch_size,
-            data_shape="dynamic", save_path=str(log_dir / "auto_log.log") if use_auto_log else None,
-            inference_config=runtime.config if use_auto_log else runtime.conf_info(), pids=os.getpid(),
-            process_name=None, gpu_ids=args.gpu_id if runtime.use_gpu else None,
-            time_keys=["preprocess_time", "inference_time", "postprocess_time"],
-            warmup=1 if len(chunks) > 1 else 0)
-    display = exported_display_range(meta, args.pixel_threshold)
-    # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
-    # the time spent waiting for the next batch, not the decode itself.
-    with batches, PredictionRun(images, args.save_path, category, "infer", image_threshold, pixel_threshold,
-                                display, "Infer", logger, args.save_picture) as run:
-        for _ in chunks:
+        category = args.category or meta["category"]
+        image_threshold, pixel_threshold, source = verdict_thresholds(meta["thresholds"], args.threshold,
+                                                                      args.pixel_threshold)
+        print("Inference model(PaDiM)...")
+        logger.info(f"model {model_file} ({runtime.backend}, {meta['backbone']}, {meta['category']}); "
+                    f"image threshold {image_threshold:.4f}, pixel threshold {pixel_threshold:.4f} from {source}")
+        chunks = [list(range(start, min(start + args.batch_size, len(images))))
+                  for start in range(0, len(images), args.batch_size)]
+        autolog = None
+        if args.enable_benchmark:
+            from utils.autolog import auto_log_available, create_autolog
+            use_auto_log = runtime.backend == "paddle" and auto_log_available()
+            log_dir = Path(args.save_path)
+            if log_dir.suffix.lower() in SINGLE_PICTURE_SUFFIXES:
+                log_dir = log_dir.parent
+            # auto_log reads the Paddle Config itself; ours is given what was really configured.
+            autolog = create_autolog(
+                model_name="PaDiM", model_precision=runtime.precision, batch_size=args.batch_size,
+                data_shape="dynamic", save_path=str(log_dir / "auto_log.log") if use_auto_log else None,
+                inference_config=runtime.config if use_auto_log else runtime.conf_info(), pids=os.getpid(),
+                process_name=None, gpu_ids=args.gpu_id if runtime.use_gpu else None,
+                time_keys=["preprocess_time", "inference_time", "postprocess_time"],
+                warmup=1 if len(chunks) > 1 else 0)
+        display = exported_display_range(meta, args.pixel_threshold)
+        # Decoding runs in threads ahead of the predictor (iterate_batches), so "preprocess_time" is
+        # the time spent waiting for the next batch, not the decode itself.
+        with PredictionRun(images, args.save_path, category, "infer", image_threshold, pixel_threshold, display,
+                           "Infer", logger, args.save_picture) as run:
+            for _ in chunks:
+                if autolog:
+                    autolog.times.start()
+                batch = next(batches)
+                if autolog:
+                    autolog.times.stamp()
+                maps, scores = runtime(batch.images) if batch.samples else (None, None)
+                if autolog:
+                    autolog.times.stamp()
+                run.add(batch, maps, scores)
+                if autolog:
+                    autolog.times.end(stamp=True)
             if autolog:
-                autolog.times.start()
-            batch = next(batches)
-            if autolog:
-                autolog.times.stamp()
-            maps, scores = runtime(batch.images) if batch.samples else (None, None)
-            if autolog:
-                autolog.times.stamp()
-            run.add(batch, maps, scores)
-            if autolog:
-                autolog.times.end(stamp=True)
-        if autolog:
-            from utils.autolog import report
-            report(autolog)
-        run.finish()
+                from utils.autolog import report
+                report(autolog)
+            run.finish()
 
 
 if __name__ == "__main__":

@@ -333,7 +333,8 @@ def iterate_batches(dataset, batch_size: int, num_workers: int = 2, prefetch: in
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     workers = max(1, int(num_workers))
     height, width = dataset.transform.image_size
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         pending = []
         for chunk in chunks[:prefetch]:
             pending.append([pool.submit(dataset.load, i) for i in chunk])
@@ -359,6 +360,8 @@ def iterate_batches(dataset, batch_size: int, num_workers: int = 2, prefetch: in
             displays = [item[2] for item in loaded] if len(loaded[0]) > 2 else None
             yield Batch(np.stack([item[0] for item in loaded]), np.stack([item[1] for item in loaded]), samples,
                         displays, failed)
+    finally:   # a consumer that stops early does not wait for the decodes queued ahead of it
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ImageList:

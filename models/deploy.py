@@ -192,7 +192,10 @@ class FileCheck:
 
     def _hash(self, meta: dict, files: list) -> None:
         for key, path in files:
-            self._error = _digest_error(meta, key, path)
+            try:
+                self._error = _digest_error(meta, key, path)
+            except Exception as exc:   # noqa: BLE001 - a check that could not run must not pass
+                self._error = DeployError(f"cannot check {path} against its metadata: {type(exc).__name__}: {exc}")
             if self._error is not None:
                 return
 

@@ -116,6 +116,9 @@ def init(peer_silence_s: float = DEFAULT_PEER_SILENCE_S) -> Context:
         dist.init_parallel_env()
     _STATE["initialised"] = True
     _STATE["peer_silence_s"] = peer_silence_s
+    # The first beat from this thread: a count of 0 then means a rank that never got this far,
+    # not one whose heartbeat thread could not connect.
+    _store().add(f"{_KEY_PREFIX}/alive/{ctx.rank}", 1)
     signal.signal(signal.SIGTERM, _stopped_by_launcher)
     stop = threading.Event()
     heartbeat = threading.Thread(target=_beat, args=(ctx.rank, stop), name="padim-heartbeat", daemon=True)
@@ -295,7 +298,7 @@ class _Step:
             if count != seen:
                 _HEARTBEATS[rank] = (count, now)
             elif now - since > silence:
-                # a count still 0: the rank died (or lost the store) before its first beat
+                # a count still 0: the rank died before it joined (init's first beat)
                 silent = "sent no heartbeat" if count == 0 else "stopped responding"
                 raise PeerFailure(f"rank {self.ctx.rank} of {self.ctx.world_size}: stopping, rank {rank} "
                                   f"{silent} during {self.name} (no heartbeat for {silence:g} s)")

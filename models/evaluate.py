@@ -17,7 +17,8 @@ from models.pipeline import ScoredSet, build_model, dataset_shard, score_dataset
 from utils.evaluation import compute_metrics, roc_curves, write_metrics, write_scores_csv
 from utils.logger import get_logger
 from utils.numbers import available_cpus
-from utils.pictures import PictureWriter
+from utils.files import OutputError
+from utils.pictures import PictureError, PictureWriter
 
 
 def evaluate_category(model_path, data_root, category, save_path, batch_size=32, num_workers=2,
@@ -44,16 +45,6 @@ def evaluate_category(model_path, data_root, category, save_path, batch_size=32,
     if verdicts not in VERDICT_SOURCES:
         raise ValueError(f"verdicts must be one of {', '.join(VERDICT_SOURCES)}, got {verdicts!r}")
     ranks = distributed.context() if ranks is None else ranks
-    # One worker per CPU (shared by the ranks on a machine): by the time figures are drawn, the
-    # scoring is over and this process only writes files and the ROC plot.
-    workers = max(1, available_cpus() // ranks.world_size)
-    with (PictureWriter(workers=workers) if save_picture else contextlib.nullcontext()) as pictures:
-        return _evaluate(model_path, data_root, category, save_path, batch_size, num_workers, pictures,
-                         expected_backbone, seed, logger, static_graph, model_id, verdicts, ranks)
-
-
-def _evaluate(model_path, data_root, category, save_path, batch_size, num_workers, pictures: PictureWriter | None,
-              expected_backbone, seed, logger, static_graph, model_id, verdicts, ranks) -> dict | None:
     out_dir = Path(save_path) / category
     logger = logger or get_logger(out_dir / "val.log" if ranks.rank == 0 else None)
     model_file = load_model(model_path, expected_backbone)
@@ -64,6 +55,18 @@ def _evaluate(model_path, data_root, category, save_path, batch_size, num_worker
     if seed is not None and seed != meta.seed:
         logger.info(f"note: --seed {seed} ignored; the channel indices in {model_path} were drawn with seed {meta.seed}")
     dataset = MVTecDataset(data_root, category, "test", meta.resize, meta.crop_size)
+    # Started once the inputs are checked, so that their start-up overlaps the scoring. One
+    # worker per CPU this process may use (available_cpus shares a machine's CPUs among its
+    # ranks): by the time figures are drawn, the scoring is over.
+    with (PictureWriter(workers=available_cpus()) if save_picture else contextlib.nullcontext()) as pictures:
+        return _score_and_report(model_file, dataset, model_path, data_root, category, out_dir, batch_size,
+                                 num_workers, pictures, logger, static_graph, verdicts, ranks)
+
+
+def _score_and_report(model_file, dataset: MVTecDataset, model_path, data_root, category, out_dir: Path,
+                      batch_size, num_workers, pictures: PictureWriter | None, logger, static_graph, verdicts,
+                      ranks) -> dict | None:
+    meta = model_file.meta
     print(f"Testing model for {category}")
     logger.info("Starting eval model...")
     model = build_model(model_file)
@@ -86,7 +89,10 @@ def _evaluate(model_path, data_root, category, save_path, batch_size, num_worker
                          roc_curves(everything.maps, everything.scores, everything.masks, everything.labels, metrics),
                          f"{category} ({meta.backbone})")
             peers.check()
-            pictures.close(progress=f"| figures | {category} |")
+            try:
+                pictures.close(progress=f"| figures | {category} |")
+            except PictureError as exc:   # a full disk, a folder made read-only: one line, exit code 2
+                raise OutputError(f"{exc}; the metrics and scores in {out_dir} were written") from None
         if ranks.rank == 0:
             logger.info(f"Saved {len(dataset)} figures and roc_curve.png in {out_dir}")
     return metrics

@@ -174,7 +174,9 @@ class GaussianFit:
       slices of positions, the slices spread over ``threads`` threads (BLAS at one thread each:
       these are many small products, where BLAS's own threading only adds overhead);
     - 'paddle': Paddle tensors on the current device; the sums stay there across updates and
-      are copied to the host only in ``finalize``, a slice of positions at a time.
+      are copied to the host only in ``finalize``, a slice of positions at a time. The float64
+      products run at the device's float64 rate, a small fraction of float32's on consumer GPUs
+      (never measured here: no GPU).
 
     ``finalize`` runs on the host for both, in float64 over slices of positions in threads: the
     batched Cholesky factor L of cov = N-1 estimate + eps·I, then L's inverse.

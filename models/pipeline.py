@@ -158,7 +158,8 @@ def fit_padim(dataset: MVTecDataset, backbone_name: str, weights: str = "imagene
             gaussian_time += done - tock
             if print_freq and step % print_freq == 0:
                 LOGGER.info(f"Epoch 0[{step + 1}/{total}]: batch time:{done - tick:.4f}, data time:{data_time:.4f}")
-            # freed before the next forward pass, so Paddle's allocator can reuse the memory
+            # our references dropped before the next forward pass (the fit and the calibration may
+            # still hold the embeddings), so Paddle's allocator can reuse the rest
             del embeddings, batch
             data_started = time.perf_counter()
     if ranks.is_distributed:

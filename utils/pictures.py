@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -282,9 +285,25 @@ class PictureError(RuntimeError):
     """One or more pictures could not be drawn or written."""
 
 
+_watching_parent = False
+
+
 def _prepare_worker() -> None:
+    """Each worker's start (also submitted as a job, to start the workers early)."""
+    global _watching_parent
     for size in (TITLE_SIZE, PANEL_TITLE_SIZE, TICK_SIZE):
         font(size)
+    parent = multiprocessing.parent_process()
+    if parent is not None and not _watching_parent:
+        _watching_parent = True
+        # A worker holds both ends of its job queue, so it would outlive a parent killed by
+        # SIGKILL (and keep the parent's stdout open): it exits when the parent does.
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with_parent(sentinel) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _draw_job(job: dict) -> str:
