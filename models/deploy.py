@@ -233,10 +233,11 @@ def inference_library():
     for name in ("paddle.base.core", _LIBRARY_MODULE):
         if name in sys.modules:
             return sys.modules[name]
-    # Intel OpenMP's threads spin for 200 ms after each parallel region before they sleep; with
-    # threads decoding the next batch on the same cores, that spinning takes their CPU. One
-    # millisecond still spans the gaps between the ops of one run. Read when OpenMP starts, so
-    # only where nothing has started it yet; a value the user set is kept.
+    # Intel OpenMP's threads spin for KMP_BLOCKTIME after each parallel region before they sleep
+    # (its default is far longer than the gap between two batches); with threads decoding the
+    # next batch on the same cores, that spinning takes their CPU. The shortest setting still
+    # spans the gaps between the ops of one run. Read when OpenMP starts, so only where nothing
+    # has started it yet; a value the user set is kept.
     os.environ.setdefault("KMP_BLOCKTIME", "1")
     library = _load_compiled_module()
     if library is None:

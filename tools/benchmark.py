@@ -444,8 +444,8 @@ def compare_gaussian(train: np.ndarray, test: np.ndarray, eps: float = 0.01, loo
     ``loop_blas_threads`` BLAS threads (1, its fastest: threads only add overhead to 100x100
     matrices; 0 = NumPy's default)."""
     positions_total = train.shape[0]
-    # Paddle's OpenMP threads spin for KMP_BLOCKTIME (200 ms) after the embedding pass; timed
-    # right away, the Gram updates would share the cores with them
+    # Paddle's OpenMP threads spin for KMP_BLOCKTIME (Intel OpenMP's default; the pause outlasts
+    # it) after the embedding pass; timed right away, the Gram updates would share the cores with them
     time.sleep(0.3)
     train_batches = tensor_batches(train, batch_size)
     test_batches = tensor_batches(test, batch_size)
