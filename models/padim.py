@@ -251,7 +251,8 @@ class GaussianFit:
             block = np.empty((stop - start, count, self.d_), dtype=gram.dtype)               # [p, B, d]
             first = 0
             for x in batches:
-                np.subtract(x[start:stop], shift[start:stop, None, :], out=block[:, first:first + x.shape[1]])
+                np.subtract(x[start:stop], shift[start:stop, None, :], out=block[:, first:first + x.shape[1]],
+                            dtype=gram.dtype)
                 first += x.shape[1]
             sums[start:stop] += block.sum(axis=1, dtype=np.float64)
             gram[start:stop] += np.matmul(block.transpose(0, 2, 1), block)
@@ -360,10 +361,6 @@ class GaussianFit:
                 whitening[start:stop] = slice_whitening
 
             run_over_chunks(work, [(s, min(s + step, last)) for s in range(first, last, step)], self.threads)
-        del gram, source, work
-        if not on_host:
-            self._gram = None
-            return mean, whitening
         self._gram = None
         return mean, whitening.astype(np.float32, copy=False)
 

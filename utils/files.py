@@ -270,9 +270,9 @@ def _result_files(folder: Path, category: str) -> list[Path]:
     figure = re.compile(rf"{re.escape(category)}_\d+\.png\Z")
     found = [folder / name for name in ("metrics.json", "scores.csv", "roc_curve.png")]
     found += [path for path in folder.glob("*.png") if figure.match(path.name)]
-    for pictures in (folder / "predict",):   # predict.py's pictures mirror the input tree
-        if pictures.is_dir():
-            found += list(pictures.rglob("*.png")) + list(pictures.rglob("predictions.csv"))
+    predict = folder / "predict"
+    if predict.is_dir():   # predict.py's pictures mirror the input tree
+        found += list(predict.rglob("*.png")) + list(predict.rglob("predictions.csv"))
     return [path for path in found if path.is_file()]
 
 

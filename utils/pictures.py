@@ -400,16 +400,12 @@ class PictureWriter:
         description of a progress bar over the pictures still pending."""
         if not self._closed:
             self._closed = True
-            bar = None
-            if progress is not None:
-                from tqdm import tqdm
-                bar = tqdm(total=sum(path is not None for path, _ in self._pending), desc=progress)
-            while self._pending:
-                finished = self._collect(block=True)
-                if bar is not None:
-                    bar.update(finished)
-            if bar is not None:
-                bar.close()
+            from tqdm import tqdm
+
+            with tqdm(total=sum(path is not None for path, _ in self._pending), desc=progress,
+                      disable=progress is None) as bar:
+                while self._pending:
+                    bar.update(self._collect(block=True))
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
         if self._failures:

@@ -1,27 +1,14 @@
-"""Figures: the original's panels (image, ground truth, heat map, mask, contour) and ROC curves.
+"""The ROC curves figure, through matplotlib (imported when it is drawn).
 
-The colour scale is given in absolute anomaly units by the caller (from the model file), never
-taken from the image being drawn: a normal image stays blue. The per-image panels are composed
-in NumPy and PIL (utils.pictures, which also has the PictureWriter pool that draws them in worker
-processes); only the ROC plot goes through matplotlib, imported when it is drawn.
+The per-image panels (image, ground truth, heat map, mask, contour) are composed in NumPy and
+PIL by utils.pictures, whose PictureWriter draws them in worker processes.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from utils.files import temp_path_beside
-
-
-def plot_panels(path, image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float,
-                vmin: float, vmax: float, ground_truth: np.ndarray | None = None,
-                title: str | None = None) -> Path:
-    """Save the 5-panel (with ground truth, as val) or 4-panel (as predict/infer) figure."""
-    from utils.pictures import draw_panels
-
-    return draw_panels(path, image, anomaly_map, pixel_threshold, vmin, vmax, ground_truth, title)
 
 
 def plot_roc(path, curves: dict, title: str) -> Path:
